@@ -1,0 +1,28 @@
+# Two commands a fresh machine needs: `make test` and `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch that this project tests against.
+TORCH_PIN ?= torch==2.13.0
+export GLOO_SOCKET_IFNAME ?= lo
+export PYTHONUNBUFFERED := 1
+
+.PHONY: test demo venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/torchrun --standalone --nnodes 1 --nproc-per-node 2 examples/local_sgd_gloo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

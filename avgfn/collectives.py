@@ -65,6 +65,8 @@ def all_reduce_mean(group: Optional[dist.ProcessGroup] = None) -> GroupMean:
     Args:
       group: a process group; ``None`` means the default group, looked up at
         each call (so the Reduce may be built before ``init_process_group``).
+        On a rank that is not in ``group`` (``dist.new_group`` hands such a
+        rank a placeholder), the Reduce returns its input unchanged.
 
     Returns:
       A :class:`GroupMean`, callable as ``reduce(tensor) -> tensor``. It writes
@@ -79,7 +81,11 @@ def all_reduce_mean(group: Optional[dist.ProcessGroup] = None) -> GroupMean:
       {'w': tensor([1., 2.])}
       >>> dist.destroy_process_group()
     """
-    if group is not None and not isinstance(group, dist.ProcessGroup):
+    if not (
+        group is None
+        or isinstance(group, dist.ProcessGroup)
+        or group is dist.GroupMember.NON_GROUP_MEMBER  # what new_group gives a non-member
+    ):
         raise TypeError(f"group must be a ProcessGroup or None, got {group!r}")
     return GroupMean(group)
 

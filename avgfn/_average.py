@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from avgfn import _select, _tree
+from avgfn import _select, _tree, _wire
 from avgfn._base import Params, Reduce
 
 
@@ -66,7 +66,108 @@ def average_leaves(leaves: list[torch.Tensor], reduce: Reduce) -> list[torch.Ten
     return out
 
 
-def average(params: Params, reduce: Reduce, *, where: _select.Where = None) -> Params:
+def average_tree(
+    params: Params,
+    reduce: Reduce,
+    where: _select.Where,
+    wire: _wire.Wire = _wire.DEFAULT,
+    residual: Any = None,
+) -> tuple[Params, Any]:
+    """The body of :func:`average`, also returning the new rounding residual.
+
+    ``residual`` (used with ``wire.comm_dtype`` by averagers with error
+    feedback) is a tuple of one tensor per floating-point leaf of ``params``,
+    in tree order.
+    """
+    leaves, spec = _tree.tree_flatten(params)
+    mask = _select.selection(where, params, leaves, spec)
+    chosen = [i for i, selected in enumerate(mask) if selected]
+    if not chosen:
+        return params, residual
+    if wire.is_default and residual is None:
+        averaged = average_leaves([leaves[i] for i in chosen], reduce)
+        new_res_leaves = None
+    else:
+        if wire.donate:
+            _wire.check_donatable(leaves, mask, lambda i: _select._path_of(params, i))
+        res_leaves = None
+        if residual is not None:
+            res_leaves = _residual_leaves(residual, leaves)
+        averaged, new_res_leaves = _reduce_by_device(
+            [leaves[i] for i in chosen],
+            reduce,
+            wire,
+            None if res_leaves is None else [res_leaves[i] for i in chosen],
+        )
+    new_leaves = list(leaves)
+    for i, value in zip(chosen, averaged):
+        new_leaves[i] = value
+    new_residual = residual
+    if new_res_leaves is not None:
+        assert res_leaves is not None
+        for i, value in zip(chosen, new_res_leaves):
+            if value is not None:
+                res_leaves[i] = value
+        new_residual = tuple(r for r in res_leaves if r is not None)
+    return _tree.tree_unflatten(new_leaves, spec), new_residual
+
+
+def _residual_leaves(residual: Any, leaves: list[Any]) -> list[Any]:
+    """Align the residual (one tensor per floating-point leaf) with ``leaves``."""
+    it = iter(residual)
+    out: list[Any] = []
+    for leaf in leaves:
+        if _select.default_selected(leaf):
+            res = next(it, None)
+            if res is None or res.shape != leaf.shape:
+                raise ValueError(
+                    "the error-feedback residual in the state does not match params "
+                    "(was the state made by init for these params?)"
+                )
+            out.append(res)
+        else:
+            out.append(None)
+    if next(it, None) is not None:
+        raise ValueError("the error-feedback residual in the state has more tensors than params")
+    return out
+
+
+def _reduce_by_device(
+    leaves: list[torch.Tensor],
+    reduce: Reduce,
+    wire: _wire.Wire,
+    residuals: Any,
+) -> tuple[list[torch.Tensor], Any]:
+    dtype = compute_dtype(leaves)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        by_device.setdefault(leaf.device, []).append(i)
+    out: list[Any] = [None] * len(leaves)
+    new_res: Any = None if residuals is None else [None] * len(leaves)
+    for indices in by_device.values():
+        values, res = _wire.reduce_leaves(
+            [leaves[i] for i in indices],
+            reduce,
+            wire,
+            dtype,
+            None if residuals is None else [residuals[i] for i in indices],
+        )
+        for j, i in enumerate(indices):
+            out[i] = values[j]
+            if new_res is not None:
+                new_res[i] = None if res is None else res[j]
+    return out, new_res
+
+
+def average(
+    params: Params,
+    reduce: Reduce,
+    *,
+    where: _select.Where = None,
+    donate: bool = False,
+    bucket_bytes: int | None = None,
+    comm_dtype: torch.dtype | None = None,
+) -> Params:
     """Average the selected leaves of ``params`` over a group, once.
 
     The pure twin of torch's
@@ -84,12 +185,20 @@ def average(params: Params, reduce: Reduce, *, where: _select.Where = None) -> P
       where: ``None`` (every floating-point tensor), a callable ``leaf -> bool``
         (torch's own filter is ``lambda p: p.grad is not None``), or a pytree
         of bools shaped like ``params``.
+      donate: give up ``params``: the averaged values are written into its
+        tensors, which come back (see ``docs/performance.md``). Refused when a
+        selected tensor shares memory with another leaf.
+      bucket_bytes: stage at most this many bytes at a time (two buffers of
+        half the size, one packed while the other is reduced).
+      comm_dtype: the dtype the Reduce sees (``torch.bfloat16`` halves the
+        bytes on the wire); results are cast back to each leaf's dtype.
 
     Returns:
       A new params tree with the selected leaves averaged.
 
     Raises:
-      ValueError: a ``where`` tree that does not match ``params``.
+      ValueError: a ``where`` tree that does not match ``params``, or a
+        donation of tensors that share memory.
       TypeError: a selected leaf that is not a tensor, or a ``where`` that
         yields something other than a bool.
 
@@ -100,15 +209,50 @@ def average(params: Params, reduce: Reduce, *, where: _select.Where = None) -> P
       >>> reduce = avgfn.testing.peers_mean(peer["w"])   # as if one peer held these
       >>> avgfn.average(params, reduce)
       {'w': tensor([2., 4.]), 'step': 7}
+      >>> out = avgfn.average(params, reduce, donate=True)   # written in place
+      >>> out["w"] is params["w"], params["w"]
+      (True, tensor([2., 4.]))
     """
     _select.check_where(where)
-    leaves, spec = _tree.tree_flatten(params)
-    mask = _select.selection(where, params, leaves, spec)
-    chosen = [i for i, selected in enumerate(mask) if selected]
-    if not chosen:
-        return params
-    averaged = average_leaves([leaves[i] for i in chosen], reduce)
-    new_leaves = list(leaves)
-    for i, value in zip(chosen, averaged):
-        new_leaves[i] = value
-    return _tree.tree_unflatten(new_leaves, spec)
+    wire = _wire.make_wire(donate, bucket_bytes, comm_dtype)
+    return average_tree(params, reduce, where, wire)[0]
+
+
+class Averaging:
+    """What an averager does at a due step: its ``where`` and wire options.
+
+    Shared by :func:`avgfn.periodic` and :func:`avgfn.hierarchical` (and any
+    averager that averages params the same way). Validates at construction.
+    """
+
+    __slots__ = ("where", "wire", "error_feedback")
+
+    def __init__(
+        self,
+        where: _select.Where = None,
+        donate: bool = False,
+        bucket_bytes: int | None = None,
+        comm_dtype: torch.dtype | None = None,
+        error_feedback: bool = False,
+    ) -> None:
+        _select.check_where(where)
+        self.where = where
+        self.wire = _wire.make_wire(donate, bucket_bytes, comm_dtype)
+        if not isinstance(error_feedback, bool):
+            raise TypeError(f"error_feedback must be a bool, got {error_feedback!r}")
+        if error_feedback and comm_dtype is None:
+            raise ValueError("error_feedback=True needs a comm_dtype (e.g. torch.bfloat16)")
+        self.error_feedback = error_feedback
+
+    def init_residual(self, params: Params) -> Any:
+        """The error-feedback residual to keep in the state (``None`` without it)."""
+        if not self.error_feedback:
+            return None
+        return tuple(
+            torch.zeros_like(leaf, dtype=torch.promote_types(leaf.dtype, torch.float32))
+            for leaf in _tree.tree_leaves(params)
+            if _select.default_selected(leaf)
+        )
+
+    def __call__(self, params: Params, reduce: Reduce, residual: Any) -> tuple[Params, Any]:
+        return average_tree(params, reduce, self.where, self.wire, residual)

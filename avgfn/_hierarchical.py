@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from avgfn import _select
-from avgfn._average import average
+from avgfn._average import Averaging
 from avgfn._base import Averager, Params, Reduce, check_int, check_reduce, check_state, check_step
 from avgfn._periodic import _PERIOD_ONE
 from avgfn._records import record
@@ -63,9 +63,11 @@ class HierarchicalState:
 
     Attributes:
       rounds: int64 vector, the averaging rounds done so far at each level.
+      residual: the error-feedback residual (see :class:`PeriodicState`).
     """
 
     rounds: torch.Tensor
+    residual: Any = None
 
 
 def hierarchical(
@@ -73,6 +75,10 @@ def hierarchical(
     *,
     warmup_steps: int = 0,
     where: _select.Where = None,
+    donate: bool = False,
+    bucket_bytes: Optional[int] = None,
+    comm_dtype: Optional[torch.dtype] = None,
+    error_feedback: bool = False,
 ) -> Averager:
     """Average at several levels of a hierarchy of groups, each with its own period.
 
@@ -88,6 +94,8 @@ def hierarchical(
         ``avgfn.simulate.hierarchy`` build them from group sizes.
       warmup_steps: steps before the first averaging, ``>= 0``.
       where: which leaves to average (see :func:`avgfn.average`).
+      donate, bucket_bytes, comm_dtype, error_feedback: the fast paths, as in
+        :func:`avgfn.periodic`.
 
     Returns:
       An :class:`avgfn.Averager` whose state is a :class:`HierarchicalState`.
@@ -114,14 +122,15 @@ def hierarchical(
     for period, reduce in pairs:
         check_reduce(f"the reduce of the level with period {period}", reduce)
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
-    _select.check_where(where)
+    averaging = Averaging(where, donate, bucket_bytes, comm_dtype, error_feedback)
     # Largest period first: the first that divides ``step`` is the one to use.
     by_largest = [(i, period, reduce) for i, (period, reduce) in reversed(list(enumerate(pairs)))]
     num_levels = len(pairs)
 
     def init(params: Params) -> HierarchicalState:
-        del params
-        return HierarchicalState(torch.zeros(num_levels, dtype=torch.int64))
+        return HierarchicalState(
+            torch.zeros(num_levels, dtype=torch.int64), averaging.init_residual(params)
+        )
 
     def update(
         params: Params, state: HierarchicalState, step: int
@@ -135,9 +144,9 @@ def hierarchical(
                 break
         else:
             return params, state
-        new_params = average(params, reduce, where=where)
+        new_params, residual = averaging(params, reduce, state.residual)
         rounds = state.rounds
         bump = torch.arange(num_levels, device=rounds.device) == level
-        return new_params, HierarchicalState(rounds + bump)
+        return new_params, HierarchicalState(rounds + bump, residual)
 
     return Averager(init=init, update=update)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any, Optional
 
 import torch
 
 from avgfn import _select
-from avgfn._average import average
+from avgfn._average import Averaging
 from avgfn._base import Averager, Params, Reduce, check_int, check_reduce, check_state, check_step
 from avgfn._records import record
 
@@ -23,9 +24,13 @@ class PeriodicState:
 
     Attributes:
       rounds: int64 count of the averaging rounds done so far.
+      residual: with ``error_feedback=True``, the rounding error of this
+        replica's last reduced-precision round: a tuple with one tensor per
+        floating-point leaf of the params, in tree order; else ``None``.
     """
 
     rounds: torch.Tensor
+    residual: Any = None
 
 
 def periodic(
@@ -34,6 +39,10 @@ def periodic(
     reduce: Reduce,
     warmup_steps: int = 0,
     where: _select.Where = None,
+    donate: bool = False,
+    bucket_bytes: Optional[int] = None,
+    comm_dtype: Optional[torch.dtype] = None,
+    error_feedback: bool = False,
 ) -> Averager:
     """Average the params every ``period`` steps after a warm-up.
 
@@ -48,6 +57,13 @@ def periodic(
       reduce: the mean over the group (see :class:`avgfn.Reduce`).
       warmup_steps: steps before the first averaging, ``>= 0``.
       where: which leaves to average (see :func:`avgfn.average`).
+      donate: ``update`` consumes the params it is given and writes the
+        average into them (see ``docs/performance.md``).
+      bucket_bytes: stage at most this many bytes per round (see
+        :func:`avgfn.average`).
+      comm_dtype: the dtype on the wire, e.g. ``torch.bfloat16``.
+      error_feedback: with ``comm_dtype``, carry each round's rounding error
+        into the next round (kept in ``state.residual``).
 
     Returns:
       An :class:`avgfn.Averager` whose state is a :class:`PeriodicState`.
@@ -73,20 +89,19 @@ def periodic(
     period = check_int("period", period, minimum=1)
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
     check_reduce("reduce", reduce)
-    _select.check_where(where)
+    averaging = Averaging(where, donate, bucket_bytes, comm_dtype, error_feedback)
     if period == 1:
         warnings.warn(_PERIOD_ONE.format(what="period"), UserWarning, stacklevel=2)
 
     def init(params: Params) -> PeriodicState:
-        del params
-        return PeriodicState(torch.zeros((), dtype=torch.int64))
+        return PeriodicState(torch.zeros((), dtype=torch.int64), averaging.init_residual(params))
 
     def update(params: Params, state: PeriodicState, step: int) -> tuple[Params, PeriodicState]:
         check_state(state, PeriodicState, "periodic")
         step = check_step(step)
         if step < warmup_steps or (step - warmup_steps) % period:
             return params, state
-        new_params = average(params, reduce, where=where)
-        return new_params, PeriodicState(state.rounds + 1)
+        new_params, residual = averaging(params, reduce, state.residual)
+        return new_params, PeriodicState(state.rounds + 1, residual)
 
     return Averager(init=init, update=update)

@@ -42,18 +42,28 @@ def register_record(
     fields = tuple(field_names)
     statics = tuple(static_names)
 
+    # A field holding None is structure, not a leaf (torch's pytree would make
+    # None a leaf, which vmap and checkpoints cannot hold): it rides in the
+    # context, with the static fields.
+    def split(obj: Any) -> tuple[list[tuple[str, Any]], Any]:
+        present = [(n, getattr(obj, n)) for n in fields]
+        empty = tuple(n for n, v in present if v is None)
+        context = (tuple(getattr(obj, n) for n in statics), empty)
+        return [(n, v) for n, v in present if v is not None], context
+
     def flatten(obj: Any) -> tuple[list[Any], Any]:
-        return [getattr(obj, n) for n in fields], tuple(getattr(obj, n) for n in statics)
+        children, context = split(obj)
+        return [v for _, v in children], context
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], Any]:
-        return (
-            [(GetAttrKey(n), getattr(obj, n)) for n in fields],
-            tuple(getattr(obj, n) for n in statics),
-        )
+        children, context = split(obj)
+        return [(GetAttrKey(n), v) for n, v in children], context
 
     def unflatten(children: Any, context: Any) -> Any:
-        kwargs = dict(zip(fields, children))
-        kwargs.update(zip(statics, context))
+        static_values, empty = context
+        values = iter(children)
+        kwargs = {n: (None if n in empty else next(values)) for n in fields}
+        kwargs.update(zip(statics, static_values))
         return build(**kwargs)
 
     _pytree.register_pytree_node(

@@ -48,15 +48,36 @@ class GroupMean:
         return dist.get_world_size(group)
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.start(tensor).wait()
+
+    def start(self, tensor: torch.Tensor) -> "_PendingMean":
+        """Begin the mean of ``tensor`` without waiting (``async_op=True``).
+
+        The buckets of a round (``bucket_bytes``) use this to pack the next
+        bucket while the previous one is on the wire.
+        """
         group = self._group()
         if dist.get_rank(group) < 0:
-            return tensor
+            return _PendingMean(None, tensor)
         tensor.div_(dist.get_world_size(group))
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        return tensor
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        return _PendingMean(work, tensor)
 
     def __repr__(self) -> str:
         return f"all_reduce_mean(group={self.group!r})"
+
+
+class _PendingMean:
+    __slots__ = ("work", "tensor")
+
+    def __init__(self, work: Any, tensor: torch.Tensor) -> None:
+        self.work = work
+        self.tensor = tensor
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.tensor
 
 
 def all_reduce_mean(group: Optional[dist.ProcessGroup] = None) -> GroupMean:
@@ -152,3 +173,129 @@ def hierarchy(
             sub, _ = dist.new_subgroups(group_size=size, group=group)
         levels.append((period, GroupMean(sub)))
     return levels
+
+
+# --- DDP communication hook (post-local SGD's gradient half) -------------------------
+
+
+class CommHookState:
+    """State of :func:`ddp_comm_hook`: the schedule and where the step comes from.
+
+    Attributes:
+      gradients: the :class:`avgfn.GradientSchedule`.
+      step: a callable returning the current 0-based iteration, or ``None``.
+      iteration: the hook's own iteration counter, used when ``step`` is
+        ``None``: advanced after the last bucket of each backward pass, as
+        torch's ``PostLocalSGDState.iter`` is (save it with your checkpoint).
+    """
+
+    __slots__ = ("gradients", "step", "iteration")
+
+    def __init__(self, gradients: Any, step: Optional[Any] = None, iteration: int = 0) -> None:
+        self.gradients = gradients
+        self.step = step
+        self.iteration = iteration
+
+    def current_step(self) -> int:
+        """The iteration the hook is averaging gradients for."""
+        return self.iteration if self.step is None else self.step()
+
+    def __repr__(self) -> str:
+        source = "own counter" if self.step is None else "external step"
+        return f"CommHookState(start_step={self.gradients.start_step}, {source}, iteration={self.iteration})"
+
+
+def _completed(tensor: torch.Tensor) -> torch.futures.Future:
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(tensor)
+    return future
+
+
+def _post_local_hook(state, bucket):  # noqa: ANN001, ANN202
+    # No annotations on purpose: DDP compares them with dist.GradBucket and
+    # Future[Tensor] at registration, and this module's annotations are strings.
+    step = state.current_step()
+    if state.step is None and bucket.is_last():
+        state.iteration += 1
+    reduce = state.gradients.reduce_at(step)
+    buffer = bucket.buffer()
+    if reduce is None:
+        return _completed(buffer)
+    if isinstance(reduce, GroupMean):
+        # Asynchronous, overlapping the rest of the backward pass; the same
+        # arithmetic as GroupMean.__call__ and as torch's _allreduce_fut.
+        group = reduce._group()
+        if dist.get_rank(group) < 0:
+            return _completed(buffer)
+        buffer.div_(dist.get_world_size(group))
+        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+    result = reduce(buffer)
+    if not isinstance(result, torch.Tensor) or result.shape != buffer.shape:
+        raise TypeError(
+            "ddp_comm_hook: the Reduce must return a tensor shaped like the bucket "
+            f"{tuple(buffer.shape)}, got {result!r}"
+        )
+    return _completed(result)
+
+
+def ddp_comm_hook(gradients: Any, *, step: Optional[Any] = None) -> tuple[CommHookState, Any]:
+    """A DDP communication hook that averages gradients as a gradient schedule says.
+
+    The DDP twin of :meth:`avgfn.GradientSchedule.update`, and the equivalent
+    of torch's ``PostLocalSGDState`` + ``post_localSGD_hook``: at iteration
+    ``step``, each gradient bucket is averaged over
+    ``gradients.reduce_at(step)`` (the global Reduce before the switch step,
+    then the local one, or none). A Reduce from :func:`all_reduce_mean` runs
+    asynchronously, as DDP's own all-reduce does; any other Reduce is called
+    synchronously on the bucket.
+
+    One counter: pass ``step=lambda: opt.iteration`` with an
+    :class:`avgfn.AveragingOptimizer` ``opt``, and the hook and the parameter
+    averaging read the same counter (which ``opt.state_dict()`` saves). Without
+    ``step``, the hook counts backward passes itself, as torch's does.
+
+    Args:
+      gradients: an :class:`avgfn.GradientSchedule` (``post_local_sgd(...).gradients``)
+        with ``where=None`` (DDP averages every gradient).
+      step: a callable returning the current 0-based iteration, or ``None``.
+
+    Returns:
+      ``(state, hook)``, for ``ddp_model.register_comm_hook(state, hook)``.
+
+    Raises:
+      TypeError: ``gradients`` is not a GradientSchedule, or ``step`` is not callable.
+      ValueError: the schedule has a ``where`` selection, which a bucket cannot honour.
+
+    Examples:
+      >>> import tempfile, torch, torch.distributed as dist, avgfn
+      >>> store = tempfile.NamedTemporaryFile(delete=False).name
+      >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+      >>> mean = avgfn.collectives.all_reduce_mean()
+      >>> algo = avgfn.post_local_sgd(2, global_reduce=mean, local_reduce=None, period=2)
+      >>> model = torch.nn.Linear(2, 1)
+      >>> ddp = torch.nn.parallel.DistributedDataParallel(model)
+      >>> opt = avgfn.AveragingOptimizer(
+      ...     torch.optim.SGD(model.parameters(), lr=0.1), avgfn.ModuleAverager(model, algo.averager))
+      >>> state, hook = avgfn.collectives.ddp_comm_hook(algo.gradients, step=lambda: opt.iteration)
+      >>> ddp.register_comm_hook(state, hook)
+      >>> for _ in range(3):
+      ...     opt.zero_grad(); ddp(torch.ones(1, 2)).sum().backward(); opt.step()
+      >>> opt.iteration, int(opt.averager.state.rounds)
+      (3, 1)
+      >>> dist.destroy_process_group()
+    """
+    from avgfn._post_local import GradientSchedule
+
+    if not isinstance(gradients, GradientSchedule):
+        raise TypeError(
+            f"ddp_comm_hook: gradients must be an avgfn.GradientSchedule, got {type(gradients).__name__}"
+        )
+    if gradients.where is not None:
+        raise ValueError(
+            "ddp_comm_hook: the gradient schedule selects leaves with where=..., but DDP hands the "
+            "hook flat buckets of every gradient; build the schedule with where=None"
+        )
+    if step is not None and not callable(step):
+        raise TypeError(f"ddp_comm_hook: step must be a callable returning an int or None, got {step!r}")
+    return CommHookState(gradients, step), _post_local_hook

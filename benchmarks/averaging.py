@@ -1,0 +1,263 @@
+"""Averaging round cost on gloo over loopback: avgfn against torch and the floor.
+
+Usage:
+    python benchmarks/averaging.py [--params N] [--world W] [--leaves L] [--rounds R] [--json]
+
+Spawns W gloo processes on 127.0.0.1. In one run, side by side (round-robin,
+so every variant sees the same machine noise), each process times R averaging
+rounds of every variant below after a warm-up, and rank 0 prints the medians:
+
+  torch         torch's model_averaging.utils.average_parameters
+  floor         one bare dist.all_reduce of a buffer of the same bytes
+  avgfn         the default pure update at an averaging step
+  avgfn-donate  update(..., donate=True): params written in place
+  avgfn-bucket  donate=True with bucket_bytes (async all-reduce per bucket)
+  avgfn-bf16    comm_dtype=torch.bfloat16 (pure), error against fp32 reported
+  avgfn-bf16-donate  bf16 on the wire, written in place
+  off-step      update at a step where nothing is due (microseconds)
+
+Peak extra memory is the rise of the process's peak RSS during one round
+(Linux: /proc/self/clear_refs resets the peak) above its RSS before the round.
+It is measured, as the largest over 3 rounds, in a second world started with MALLOC_MMAP_THRESHOLD_=1 MiB, so
+that glibc returns every large buffer to the system when it is freed and the
+RSS shows what a round really holds (in the timing world glibc may keep freed
+buffers of up to 32 MiB and reuse them, which would hide them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.model_averaging import utils as torch_utils
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import avgfn  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _shapes(total: int, leaves: int) -> list[int]:
+    base = total // leaves
+    sizes = [base] * leaves
+    sizes[-1] += total - base * leaves
+    return sizes
+
+
+def _make_params(sizes: list[int], rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return [torch.randn(n, generator=g) for n in sizes]
+
+
+def _measure(fn, timings: dict, memory: dict, name: str) -> None:
+    dist.barrier()
+    _reset_peak()
+    before = _rss_kb("VmRSS")
+    t0 = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - t0
+    peak = _rss_kb("VmHWM")
+    timings.setdefault(name, []).append(elapsed * 1e3)
+    memory.setdefault(name, []).append(max(0, peak - before) / 1024)
+
+
+def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/store",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=600),
+    )
+    sizes = _shapes(args.params, args.leaves)
+    reduce = avgfn.collectives.all_reduce_mean()
+    torch_params = [torch.nn.Parameter(t) for t in _make_params(sizes, rank)]
+    pure = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
+    donated = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
+    bucketed = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
+    bf16_donated = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
+    floor_buf = torch.randn(args.params)
+    bucket_bytes = args.bucket_mb * MB
+
+    avg = avgfn.periodic(2, reduce=reduce)
+    avg_donate = avgfn.periodic(2, reduce=reduce, donate=True)
+    avg_bucket = avgfn.periodic(2, reduce=reduce, donate=True, bucket_bytes=bucket_bytes)
+    avg_bf16 = avgfn.periodic(2, reduce=reduce, comm_dtype=torch.bfloat16)
+    avg_bf16_donate = avgfn.periodic(2, reduce=reduce, comm_dtype=torch.bfloat16, donate=True)
+    state = avg.init(pure)
+
+    holder = {"donated": donated, "bucketed": bucketed, "bf16_donated": bf16_donated}
+    out = {}
+
+    def run_torch():
+        torch_utils.average_parameters(iter(torch_params), None)
+
+    def run_floor():
+        dist.all_reduce(floor_buf)
+
+    def run_avgfn():
+        out["pure"] = avg.update(pure, state, 0)[0]
+
+    def run_donate():
+        holder["donated"] = avg_donate.update(holder["donated"], state, 0)[0]
+
+    def run_bucket():
+        holder["bucketed"] = avg_bucket.update(holder["bucketed"], state, 0)[0]
+
+    def run_bf16():
+        out["bf16"] = avg_bf16.update(pure, state, 0)[0]
+
+    def run_bf16_donate():
+        holder["bf16_donated"] = avg_bf16_donate.update(holder["bf16_donated"], state, 0)[0]
+
+    variants = {
+        "torch": run_torch,
+        "floor": run_floor,
+        "avgfn": run_avgfn,
+        "avgfn-donate": run_donate,
+        "avgfn-bucket": run_bucket,
+        "avgfn-bf16": run_bf16,
+        "avgfn-bf16-donate": run_bf16_donate,
+    }
+    timings: dict = {}
+    memory: dict = {}
+    memory_world = os.environ.get("AVGFN_BENCH_MEMORY") == "1"
+    rounds = 3 if memory_world else args.rounds
+    for r in range(args.warmup + rounds):
+        for name, fn in variants.items():
+            _measure(fn, timings if r >= args.warmup else {}, memory if r >= args.warmup else {}, name)
+            out.pop("pure", None) if name != "avgfn" else None
+
+    if memory_world:
+        if rank == 0:
+            # the largest of the rounds: RSS accounting sometimes misses a peak
+            peaks = {name: max(values) for name, values in memory.items()}
+            if os.environ.get("AVGFN_BENCH_DEBUG"):
+                print(memory, flush=True)
+            with open(os.path.join(folder, "memory.json"), "w") as f:
+                json.dump(peaks, f)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+
+    # bf16 error: average the same inputs in fp32 and bf16 once more
+    exact = avg.update(pure, state, 0)[0]
+    approx = avg_bf16.update(pure, state, 0)[0]
+    err = max((exact[k] - approx[k]).abs().max().item() for k in exact)
+    scale = max(exact[k].abs().max().item() for k in exact)
+
+    # off-step: many calls, microseconds each
+    off = []
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        avg.update(pure, state, 1)
+        off.append((time.perf_counter() - t0) * 1e6)
+
+    if rank == 0:
+        rows = []
+        torch_ms = statistics.median(timings["torch"])
+        for name in variants:
+            med = statistics.median(timings[name])
+            rows.append(
+                {
+                    "name": name,
+                    "median_ms": round(med, 3),
+                    "ratio_to_torch": round(med / torch_ms, 3),
+                    "peak_extra_mb": None,
+                    "params": args.params,
+                    "world": world,
+                }
+            )
+        off_us = statistics.median(off)
+        rows.append(
+            {
+                "name": "off-step",
+                "median_ms": round(off_us / 1e3, 6),
+                "ratio_to_torch": round(off_us / 1e3 / torch_ms, 6),
+                "peak_extra_mb": 0.0,
+                "params": args.params,
+                "world": world,
+            }
+        )
+        extra = {"bf16_max_abs_error": err, "max_abs_param": scale, "off_step_us": off_us,
+                 "bucket_mb": args.bucket_mb, "leaves": args.leaves, "rounds": args.rounds}
+        with open(os.path.join(folder, "result.json"), "w") as f:
+            json.dump({"rows": rows, "extra": extra}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=int, default=25_000_000, help="fp32 parameters per replica")
+    parser.add_argument("--world", type=int, default=2, help="gloo processes")
+    parser.add_argument("--leaves", type=int, default=160, help="tensors the params are split into")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per variant (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--bucket-mb", type=int, default=16, help="bucket size of avgfn-bucket")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="avgfn-bench-") as folder:
+        mp.start_processes(_worker, args=(args.world, folder, args), nprocs=args.world, start_method="spawn")
+        with open(os.path.join(folder, "result.json")) as f:
+            result = json.load(f)
+    with tempfile.TemporaryDirectory(prefix="avgfn-bench-") as folder:
+        saved = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "AVGFN_BENCH_MEMORY")}
+        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(MB), AVGFN_BENCH_MEMORY="1")
+        try:
+            mp.start_processes(_worker, args=(args.world, folder, args), nprocs=args.world, start_method="spawn")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        with open(os.path.join(folder, "memory.json")) as f:
+            peaks = json.load(f)
+    rows, extra = result["rows"], result["extra"]
+    for row in rows:
+        row["peak_extra_mb"] = round(peaks.get(row["name"], 0.0), 1)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"params={args.params:,} in {args.leaves} tensors, world={args.world}, "
+          f"median of {args.rounds} rounds, bucket={args.bucket_mb} MiB")
+    print(f"{'name':<20}{'median ms':>12}{'x torch':>10}{'peak extra MiB':>16}")
+    for row in rows:
+        ms = f"{row['median_ms']:.3f}" if row["name"] != "off-step" else f"{extra['off_step_us']:.1f} us"
+        print(f"{row['name']:<20}{ms:>12}{row['ratio_to_torch']:>10.3f}{row['peak_extra_mb']:>16.1f}")
+    print(f"bf16 on the wire: max abs error {extra['bf16_max_abs_error']:.3g} "
+          f"(largest |param| {extra['max_abs_param']:.3g})")
+
+
+if __name__ == "__main__":
+    main()

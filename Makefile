@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 export GLOO_SOCKET_IFNAME ?= lo
 export PYTHONUNBUFFERED := 1
+export OMP_NUM_THREADS ?= 1
+# torch warns once per process when NumPy is absent; avgfn does not need NumPy.
+export PYTHONWARNINGS ?= ignore:Failed to initialize NumPy
 
 .PHONY: test demo venv clean
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from avgfn import _select, _tree, _wire
+from avgfn import _health, _select, _tree, _wire
 from avgfn._base import Params, Reduce
+from avgfn._errors import AveragingError
 
 
 def compute_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
@@ -72,6 +73,7 @@ def average_tree(
     where: _select.Where,
     wire: _wire.Wire = _wire.DEFAULT,
     residual: Any = None,
+    nonfinite: str = "ignore",
 ) -> tuple[Params, Any]:
     """The body of :func:`average`, also returning the new rounding residual.
 
@@ -84,20 +86,38 @@ def average_tree(
     chosen = [i for i, selected in enumerate(mask) if selected]
     if not chosen:
         return params, residual
+    selected = [leaves[i] for i in chosen]
+    if wire.donate:
+        _wire.check_donatable(leaves, mask, lambda i: _select._path_of(params, i))
+    def local_bad() -> list[str]:
+        return [_select._path_of(params, i) for i in chosen if not bool(_health.finite([leaves[i]]))]
+
+    health = _health.plan(selected, reduce, nonfinite, wire.donate, local_bad)
+    reduce = health.reduce
+    if health.mask is not None:
+        selected = [_zero_unless(health.mask, leaf) for leaf in selected]
     if wire.is_default and residual is None:
-        averaged = average_leaves([leaves[i] for i in chosen], reduce)
+        averaged = average_leaves(selected, reduce)
         new_res_leaves = None
     else:
-        if wire.donate:
-            _wire.check_donatable(leaves, mask, lambda i: _select._path_of(params, i))
         res_leaves = None
         if residual is not None:
             res_leaves = _residual_leaves(residual, leaves)
         averaged, new_res_leaves = _reduce_by_device(
-            [leaves[i] for i in chosen],
+            selected,
             reduce,
             wire,
             None if res_leaves is None else [res_leaves[i] for i in chosen],
+        )
+    if health.mask is not None:
+        averaged = [_like(leaves[i], value, health.keep) for i, value in zip(chosen, averaged)]
+    if health.check:
+        averaged = _health.check_result(
+            nonfinite,
+            [leaves[i] for i in chosen],
+            averaged,
+            local_bad,
+            lambda flags: [_select._path_of(params, i) for i, bad in zip(chosen, flags) if bad],
         )
     new_leaves = list(leaves)
     for i, value in zip(chosen, averaged):
@@ -110,6 +130,20 @@ def average_tree(
                 res_leaves[i] = value
         new_residual = tuple(r for r in res_leaves if r is not None)
     return _tree.tree_unflatten(new_leaves, spec), new_residual
+
+
+def _zero_unless(ok: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """``leaf`` where ``ok``, zeros where not (a NaN times zero is still NaN)."""
+    return torch.where(ok, leaf.detach(), torch.zeros((), dtype=leaf.dtype, device=leaf.device))
+
+
+def _like(leaf: torch.Tensor, value: torch.Tensor, keep: Any) -> torch.Tensor:
+    """Give an excluded round's result the leaf's autograd flag; keep the leaf if told."""
+    if keep is not None:
+        value = torch.where(keep, leaf.detach(), value)
+    if leaf.requires_grad and not value.requires_grad:
+        value = value.requires_grad_(True)
+    return value
 
 
 def _residual_leaves(residual: Any, leaves: list[Any]) -> list[Any]:
@@ -167,6 +201,7 @@ def average(
     donate: bool = False,
     bucket_bytes: int | None = None,
     comm_dtype: torch.dtype | None = None,
+    nonfinite: str = "raise",
 ) -> Params:
     """Average the selected leaves of ``params`` over a group, once.
 
@@ -192,11 +227,16 @@ def average(
         half the size, one packed while the other is reduced).
       comm_dtype: the dtype the Reduce sees (``torch.bfloat16`` halves the
         bytes on the wire); results are cast back to each leaf's dtype.
+      nonfinite: ``"raise"`` (default), ``"exclude"`` or ``"ignore"``: what to
+        do when a replica's selected leaves hold NaN or infinity. Except with
+        ``"ignore"``, the replicas first exchange one small health flag
+        through ``reduce`` (see ``docs/failures.md``).
 
     Returns:
       A new params tree with the selected leaves averaged.
 
     Raises:
+      NonFiniteError: a replica holds non-finite values (``nonfinite="raise"``).
       ValueError: a ``where`` tree that does not match ``params``, or a
         donation of tensors that share memory.
       TypeError: a selected leaf that is not a tensor, or a ``where`` that
@@ -209,13 +249,13 @@ def average(
       >>> reduce = avgfn.testing.peers_mean(peer["w"])   # as if one peer held these
       >>> avgfn.average(params, reduce)
       {'w': tensor([2., 4.]), 'step': 7}
-      >>> out = avgfn.average(params, reduce, donate=True)   # written in place
-      >>> out["w"] is params["w"], params["w"]
-      (True, tensor([2., 4.]))
+      >>> out = avgfn.average(params, lambda t: t, donate=True)  # reduced in place
+      >>> out["w"] is params["w"]
+      True
     """
     _select.check_where(where)
     wire = _wire.make_wire(donate, bucket_bytes, comm_dtype)
-    return average_tree(params, reduce, where, wire)[0]
+    return average_tree(params, reduce, where, wire, None, _health.check_policy(nonfinite))[0]
 
 
 class Averaging:
@@ -225,7 +265,7 @@ class Averaging:
     averager that averages params the same way). Validates at construction.
     """
 
-    __slots__ = ("where", "wire", "error_feedback")
+    __slots__ = ("where", "wire", "error_feedback", "nonfinite")
 
     def __init__(
         self,
@@ -234,8 +274,10 @@ class Averaging:
         bucket_bytes: int | None = None,
         comm_dtype: torch.dtype | None = None,
         error_feedback: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
         _select.check_where(where)
+        self.nonfinite = _health.check_policy(nonfinite)
         self.where = where
         self.wire = _wire.make_wire(donate, bucket_bytes, comm_dtype)
         if not isinstance(error_feedback, bool):
@@ -254,5 +296,13 @@ class Averaging:
             if _select.default_selected(leaf)
         )
 
-    def __call__(self, params: Params, reduce: Reduce, residual: Any) -> tuple[Params, Any]:
-        return average_tree(params, reduce, self.where, self.wire, residual)
+    def __call__(
+        self, params: Params, reduce: Reduce, residual: Any, step: int | None = None
+    ) -> tuple[Params, Any]:
+        """Average ``params`` with ``reduce``; errors of the round name ``step``."""
+        try:
+            return average_tree(params, reduce, self.where, self.wire, residual, self.nonfinite)
+        except AveragingError as error:
+            if step is None:
+                raise
+            raise error.at_step(step) from error

@@ -73,6 +73,12 @@ _S = TypeVar("_S")
 
 def check_step(step: Any) -> int:
     """Validate the ``step`` argument of ``update`` and return it as an int."""
+    if type(step) is int:
+        # The common case, first: torch.compile keeps a plain int step symbolic
+        # here, where operator.index would bake each value into a new graph.
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return step
     if isinstance(step, bool):
         raise TypeError(f"step must be an int, got bool {step!r}")
     try:

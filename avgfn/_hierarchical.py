@@ -13,6 +13,7 @@ from avgfn._average import Averaging
 from avgfn._base import Averager, Params, Reduce, check_int, check_reduce, check_state, check_step
 from avgfn._periodic import _PERIOD_ONE
 from avgfn._records import record
+from avgfn._verify import check_mode, verify as verify_replicas
 
 Levels = Union[Mapping[int, Any], Sequence[tuple[int, Any]]]
 """``(period, value)`` pairs in strictly increasing period, or a mapping period -> value."""
@@ -57,6 +58,36 @@ def level_pairs(levels: Levels, name: str = "levels") -> list[tuple[int, Any]]:
     return pairs
 
 
+def group_sizes(
+    period_group_sizes: Levels, total: int, total_name: str
+) -> list[tuple[int, int]]:
+    """Validate ``period -> group size`` levels against a group of ``total`` replicas.
+
+    The shared checks of ``collectives.hierarchy`` and ``simulate.hierarchy``:
+    the periods as :func:`level_pairs` checks them, every size an int ``>= 1``
+    dividing ``total``, and the last size equal to ``total`` (``total_name``
+    says what ``total`` is in the messages).
+    """
+    pairs = level_pairs(period_group_sizes, "period_group_sizes")
+    for period, size in pairs:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"period_group_sizes: the group size of period {period} must be an int >= 1, "
+                f"got {size!r}"
+            )
+        if total % size:
+            raise ValueError(
+                f"period_group_sizes: the group size {size} of period {period} does not divide "
+                f"{total_name}, {total}"
+            )
+    if pairs[-1][1] != total:
+        raise ValueError(
+            f"period_group_sizes: the last group size must equal {total_name}, {total}; "
+            f"got {pairs[-1][1]}"
+        )
+    return pairs
+
+
 @record
 class HierarchicalState:
     """State of :func:`hierarchical`.
@@ -79,6 +110,8 @@ def hierarchical(
     bucket_bytes: Optional[int] = None,
     comm_dtype: Optional[torch.dtype] = None,
     error_feedback: bool = False,
+    nonfinite: str = "raise",
+    verify: Optional[str] = "structure",
 ) -> Averager:
     """Average at several levels of a hierarchy of groups, each with its own period.
 
@@ -94,8 +127,8 @@ def hierarchical(
         ``avgfn.simulate.hierarchy`` build them from group sizes.
       warmup_steps: steps before the first averaging, ``>= 0``.
       where: which leaves to average (see :func:`avgfn.average`).
-      donate, bucket_bytes, comm_dtype, error_feedback: the fast paths, as in
-        :func:`avgfn.periodic`.
+      donate, bucket_bytes, comm_dtype, error_feedback, nonfinite, verify: as
+        in :func:`avgfn.periodic` (``verify`` uses the largest level's group).
 
     Returns:
       An :class:`avgfn.Averager` whose state is a :class:`HierarchicalState`.
@@ -122,12 +155,15 @@ def hierarchical(
     for period, reduce in pairs:
         check_reduce(f"the reduce of the level with period {period}", reduce)
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
-    averaging = Averaging(where, donate, bucket_bytes, comm_dtype, error_feedback)
+    averaging = Averaging(where, donate, bucket_bytes, comm_dtype, error_feedback, nonfinite)
+    verify = check_mode(verify)
+    top_reduce = pairs[-1][1]
     # Largest period first: the first that divides ``step`` is the one to use.
     by_largest = [(i, period, reduce) for i, (period, reduce) in reversed(list(enumerate(pairs)))]
     num_levels = len(pairs)
 
     def init(params: Params) -> HierarchicalState:
+        verify_replicas(params, top_reduce, verify)
         return HierarchicalState(
             torch.zeros(num_levels, dtype=torch.int64), averaging.init_residual(params)
         )
@@ -144,7 +180,7 @@ def hierarchical(
                 break
         else:
             return params, state
-        new_params, residual = averaging(params, reduce, state.residual)
+        new_params, residual = averaging(params, reduce, state.residual, step)
         rounds = state.rounds
         bump = torch.arange(num_levels, device=rounds.device) == level
         return new_params, HierarchicalState(rounds + bump, residual)

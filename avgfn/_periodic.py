@@ -11,6 +11,7 @@ from avgfn import _select
 from avgfn._average import Averaging
 from avgfn._base import Averager, Params, Reduce, check_int, check_reduce, check_state, check_step
 from avgfn._records import record
+from avgfn._verify import check_mode, verify as verify_replicas
 
 _PERIOD_ONE = (
     "{what} is 1: averaging parameters every step costs as much communication as "
@@ -43,6 +44,8 @@ def periodic(
     bucket_bytes: Optional[int] = None,
     comm_dtype: Optional[torch.dtype] = None,
     error_feedback: bool = False,
+    nonfinite: str = "raise",
+    verify: Optional[str] = "structure",
 ) -> Averager:
     """Average the params every ``period`` steps after a warm-up.
 
@@ -64,6 +67,12 @@ def periodic(
       comm_dtype: the dtype on the wire, e.g. ``torch.bfloat16``.
       error_feedback: with ``comm_dtype``, carry each round's rounding error
         into the next round (kept in ``state.residual``).
+      nonfinite: ``"raise"`` (default), ``"exclude"`` or ``"ignore"``: see
+        :func:`avgfn.average`.
+      verify: what ``init`` checks the replicas agree on, through a Reduce
+        that can compare them (``collectives.all_reduce_mean`` can; then
+        ``init`` is a collective): ``"structure"`` (paths, shapes, dtypes;
+        default), ``"values"`` (also identical starting values) or ``None``.
 
     Returns:
       An :class:`avgfn.Averager` whose state is a :class:`PeriodicState`.
@@ -89,11 +98,13 @@ def periodic(
     period = check_int("period", period, minimum=1)
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
     check_reduce("reduce", reduce)
-    averaging = Averaging(where, donate, bucket_bytes, comm_dtype, error_feedback)
+    averaging = Averaging(where, donate, bucket_bytes, comm_dtype, error_feedback, nonfinite)
+    verify = check_mode(verify)
     if period == 1:
         warnings.warn(_PERIOD_ONE.format(what="period"), UserWarning, stacklevel=2)
 
     def init(params: Params) -> PeriodicState:
+        verify_replicas(params, reduce, verify)
         return PeriodicState(torch.zeros((), dtype=torch.int64), averaging.init_residual(params))
 
     def update(params: Params, state: PeriodicState, step: int) -> tuple[Params, PeriodicState]:
@@ -101,7 +112,7 @@ def periodic(
         step = check_step(step)
         if step < warmup_steps or (step - warmup_steps) % period:
             return params, state
-        new_params, residual = averaging(params, reduce, state.residual)
+        new_params, residual = averaging(params, reduce, state.residual, step)
         return new_params, PeriodicState(state.rounds + 1, residual)
 
     return Averager(init=init, update=update)

@@ -6,15 +6,35 @@ algorithms only ever see a :class:`avgfn.Reduce`.
 
 from __future__ import annotations
 
+import datetime
+import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from avgfn._hierarchical import level_pairs
+from avgfn._errors import PeerError, ReplicaMismatchError
+from avgfn._hierarchical import group_sizes
 
-__all__ = ["GroupMean", "all_reduce_mean", "hierarchy"]
+Timeout = Union[None, float, int, datetime.timedelta]
+
+
+def _seconds(timeout: Timeout) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        value = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        value = float(timeout)
+    else:
+        raise TypeError(f"timeout must be None, seconds or a timedelta, got {timeout!r}")
+    if not value > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {value}")
+    return value
+
+__all__ = ["CommHookState", "GroupMean", "all_reduce_mean", "ddp_comm_hook", "hierarchy"]
 
 
 class GroupMean:
@@ -26,10 +46,23 @@ class GroupMean:
 
     Attributes:
       group: the process group (``None``: the default group).
+      timeout: seconds a round may wait for its peers before it raises
+        :class:`avgfn.PeerError` (``None``: the group's own timeout).
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout: Optional[float] = None) -> None:
         self.group = group
+        self.timeout = timeout
+
+    def describe(self) -> str:
+        """A short name of the group, for error messages."""
+        try:
+            group = self._group()
+            if self.group is None:
+                return f"the default group of {dist.get_world_size(group)} ranks"
+            return f"the group of ranks {dist.get_process_group_ranks(group)}"
+        except Exception:  # the group may already be broken
+            return repr(self.group)
 
     def _group(self) -> Any:
         if not dist.is_available() or not dist.is_initialized():
@@ -58,29 +91,127 @@ class GroupMean:
         """
         group = self._group()
         if dist.get_rank(group) < 0:
-            return _PendingMean(None, tensor)
+            return _PendingMean(self, None, tensor, 0.0)
         tensor.div_(dist.get_world_size(group))
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        return _PendingMean(work, tensor)
+        started = time.monotonic()
+        try:
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        except RuntimeError as error:
+            raise self._failure(error, started) from error
+        return _PendingMean(self, work, tensor, started)
+
+    def check_replicas(self, digest: bytes, entries: list[tuple[str, str]]) -> None:
+        """Raise :class:`avgfn.ReplicaMismatchError` on every rank unless all digests agree.
+
+        One all-reduce of two int64 values (the digest and its negation, with
+        MAX); only when they disagree, the ``(path, shape dtype)`` entries are
+        gathered (as UTF-8 JSON in uint8 tensors: ``all_gather_object`` needs
+        NumPy) to report the first difference. A collective: every rank of
+        the group must call it; it waits at most ``timeout`` for its peers,
+        then raises :class:`avgfn.PeerError`.
+        """
+        group = self._group()
+        if dist.get_rank(group) < 0:
+            return
+        value = int.from_bytes(digest[:8], "little", signed=True) >> 1  # room for the negation
+        probe = torch.tensor([value, -value], dtype=torch.int64)
+        self._collective(lambda: dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group, async_op=True))
+        if probe[0].item() == value and probe[1].item() == -value:
+            return
+        gathered = self._gather_entries(entries, group)
+        ranks = dist.get_process_group_ranks(group)
+        raise ReplicaMismatchError(
+            f"the replicas of {self.describe()} hold params that differ: "
+            + _first_difference(gathered, ranks)
+            + " (averaging them would fail or mix unrelated numbers; pass verify=None to skip this check)"
+        )
+
+    def _collective(self, begin: Any) -> None:
+        """Run ``begin()`` (an ``async_op=True`` collective) to completion within the timeout."""
+        started = time.monotonic()
+        try:
+            work = begin()
+        except RuntimeError as error:
+            raise self._failure(error, started) from error
+        _PendingMean(self, work, None, started).wait()  # type: ignore[arg-type]
+
+    def _gather_entries(self, entries: list[tuple[str, str]], group: Any) -> list[Any]:
+        payload = torch.tensor(list(json.dumps(entries).encode()), dtype=torch.uint8)
+        size = dist.get_world_size(group)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+        mine = torch.tensor([payload.numel()], dtype=torch.int64)
+        self._collective(lambda: dist.all_gather(sizes, mine, group=group, async_op=True))
+        longest = max(int(n) for n in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)]
+        self._collective(lambda: dist.all_gather(buffers, padded, group=group, async_op=True))
+        return [
+            [tuple(entry) for entry in json.loads(bytes(buf[: int(n)].tolist()).decode())]
+            for buf, n in zip(buffers, sizes)
+        ]
+
+    def _failure(self, error: BaseException, started: float) -> PeerError:
+        waited = time.monotonic() - started
+        limit = "the group's timeout" if self.timeout is None else f"timeout {self.timeout:g}s"
+        return PeerError(
+            f"all_reduce_mean over {self.describe()} failed after {waited:.2f}s ({limit}): "
+            f"a peer died, stalled or left the group. The params and state passed to update "
+            f"are unchanged. Cause: {error}",
+            group=self.describe(),
+            timeout=self.timeout,
+        )
 
     def __repr__(self) -> str:
-        return f"all_reduce_mean(group={self.group!r})"
+        timeout = "" if self.timeout is None else f", timeout={self.timeout:g}"
+        return f"all_reduce_mean(group={self.group!r}{timeout})"
+
+
+def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) -> str:
+    """Name the first leaf in which a rank's entries differ from the first rank's."""
+    first = entries[0]
+    for rank, other in zip(ranks[1:], entries[1:]):
+        if other == first:
+            continue
+        mine, theirs = dict(first), dict(other)
+        for path, what in first:
+            if path == "<values>":
+                continue
+            if path not in theirs:
+                return f"rank {ranks[0]} has {path}: {what}, rank {rank} has no leaf {path}"
+            if theirs[path] != what:
+                return f"rank {ranks[0]} has {path}: {what}, rank {rank} has {path}: {theirs[path]}"
+        for path, what in other:
+            if path != "<values>" and path not in mine:
+                return f"rank {ranks[0]} has no leaf {path}, rank {rank} has {path}: {what}"
+        if mine.get("<values>") != theirs.get("<values>"):
+            return f"rank {ranks[0]} and rank {rank} start from different values"
+        return f"rank {ranks[0]} and rank {rank} hold the same leaves in a different order"
+    return "their signatures differ"
 
 
 class _PendingMean:
-    __slots__ = ("work", "tensor")
+    __slots__ = ("owner", "work", "tensor", "started")
 
-    def __init__(self, work: Any, tensor: torch.Tensor) -> None:
+    def __init__(self, owner: GroupMean, work: Any, tensor: torch.Tensor, started: float) -> None:
+        self.owner = owner
         self.work = work
         self.tensor = tensor
+        self.started = started
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
-            self.work.wait()
+            try:
+                if self.owner.timeout is None:
+                    self.work.wait()
+                else:
+                    self.work.wait(datetime.timedelta(seconds=self.owner.timeout))
+            except RuntimeError as error:
+                raise self.owner._failure(error, self.started) from error
         return self.tensor
 
 
-def all_reduce_mean(group: Optional[dist.ProcessGroup] = None) -> GroupMean:
+def all_reduce_mean(group: Optional[dist.ProcessGroup] = None, *, timeout: Timeout = None) -> GroupMean:
     """The Reduce of a real process group: the mean over its ranks.
 
     Args:
@@ -88,6 +219,11 @@ def all_reduce_mean(group: Optional[dist.ProcessGroup] = None) -> GroupMean:
         each call (so the Reduce may be built before ``init_process_group``).
         On a rank that is not in ``group`` (``dist.new_group`` hands such a
         rank a placeholder), the Reduce returns its input unchanged.
+      timeout: how long a round may wait for its peers (seconds or a
+        ``timedelta``); past it, or as soon as the backend reports a dead
+        peer, the round raises :class:`avgfn.PeerError` naming the group and
+        the timeout (the averagers add the step). ``None`` keeps the group's
+        own timeout (gloo's default is 30 minutes).
 
     Returns:
       A :class:`GroupMean`, callable as ``reduce(tensor) -> tensor``. It writes
@@ -108,7 +244,7 @@ def all_reduce_mean(group: Optional[dist.ProcessGroup] = None) -> GroupMean:
         or group is dist.GroupMember.NON_GROUP_MEMBER  # what new_group gives a non-member
     ):
         raise TypeError(f"group must be a ProcessGroup or None, got {group!r}")
-    return GroupMean(group)
+    return GroupMean(group, _seconds(timeout))
 
 
 PeriodGroupSizes = Union[Mapping[int, int], Sequence[tuple[int, int]]]
@@ -117,6 +253,8 @@ PeriodGroupSizes = Union[Mapping[int, int], Sequence[tuple[int, int]]]
 def hierarchy(
     period_group_sizes: PeriodGroupSizes,
     group: Optional[dist.ProcessGroup] = None,
+    *,
+    timeout: Timeout = None,
 ) -> list[tuple[int, GroupMean]]:
     """Build the levels of :func:`avgfn.hierarchical` on real process groups.
 
@@ -131,6 +269,7 @@ def hierarchy(
         ``period_group_size_dict``, or ``(period, size)`` pairs), in strictly
         increasing period. The last size must be the size of ``group``.
       group: the overall group; ``None`` means the default group.
+      timeout: as in :func:`all_reduce_mean`, for every level.
 
     Returns:
       ``[(period, reduce), ...]``, ready for :func:`avgfn.hierarchical`.
@@ -140,38 +279,21 @@ def hierarchy(
         size that does not divide the size of ``group``, or a last size that
         differs from it.
     """
-    pairs = level_pairs(period_group_sizes, "period_group_sizes")
+    seconds = _seconds(timeout)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "hierarchy: torch.distributed is not initialized; call "
             "torch.distributed.init_process_group first"
         )
     overall = dist.get_world_size(group)
-    sizes = []
-    for period, size in pairs:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(
-                f"period_group_sizes: the group size of period {period} must be an int >= 1, "
-                f"got {size!r}"
-            )
-        if overall % size:
-            raise ValueError(
-                f"period_group_sizes: the group size {size} of period {period} does not divide "
-                f"the size of group, {overall}"
-            )
-        sizes.append(size)
-    if sizes[-1] != overall:
-        raise ValueError(
-            f"period_group_sizes: the last group size must equal the size of group, {overall}; "
-            f"got {sizes[-1]}"
-        )
+    pairs = group_sizes(period_group_sizes, overall, "the size of group")
     levels = []
-    for (period, _), size in zip(pairs, sizes):
+    for period, size in pairs:
         if size == overall:
             sub = group
         else:
             sub, _ = dist.new_subgroups(group_size=size, group=group)
-        levels.append((period, GroupMean(sub)))
+        levels.append((period, GroupMean(sub, seconds)))
     return levels
 
 
@@ -222,14 +344,12 @@ def _post_local_hook(state, bucket):  # noqa: ANN001, ANN202
     if reduce is None:
         return _completed(buffer)
     if isinstance(reduce, GroupMean):
-        # Asynchronous, overlapping the rest of the backward pass; the same
-        # arithmetic as GroupMean.__call__ and as torch's _allreduce_fut.
-        group = reduce._group()
-        if dist.get_rank(group) < 0:
-            return _completed(buffer)
-        buffer.div_(dist.get_world_size(group))
-        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        return work.get_future().then(lambda fut: fut.value()[0])
+        # Asynchronous, overlapping the rest of the backward pass: GroupMean's
+        # own arithmetic (divide, then sum), which is torch's _allreduce_fut's.
+        pending = reduce.start(buffer)
+        if pending.work is None:  # a rank outside the group
+            return _completed(pending.tensor)
+        return pending.work.get_future().then(lambda fut: fut.value()[0])
     result = reduce(buffer)
     if not isinstance(result, torch.Tensor) or result.shape != buffer.shape:
         raise TypeError(

@@ -1,0 +1,145 @@
+"""Stochastic gradient descent: ``torch.optim.SGD``, made pure."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from avgfn import _tree
+from avgfn._base import Params
+from avgfn._records import record
+from avgfn.optim._base import (
+    Optimizer,
+    check_float,
+    check_state_type,
+    flatten_like,
+    flatten_params,
+)
+
+
+@record
+class SGDState:
+    """State of :func:`sgd`.
+
+    Attributes:
+      step: int64 count of the steps taken.
+      momentum_buffer: a tree shaped like the params, or ``None`` when
+        ``momentum == 0``. Before the first step it holds zeros that are never
+        read: torch's first step sets the buffer to the gradient itself.
+    """
+
+    step: torch.Tensor
+    momentum_buffer: Optional[Any]
+
+
+def _step_counter(leaves: list[torch.Tensor]) -> torch.Tensor:
+    device = leaves[0].device if leaves else torch.device("cpu")
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def sgd(
+    lr: float,
+    *,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> Optimizer:
+    """Stochastic gradient descent, with optional momentum and Nesterov momentum.
+
+    Reproduces ``torch.optim.SGD`` (its single-tensor path, the one torch uses
+    on CPU) bit for bit: the weight decay is added to the gradient, the first
+    momentum step sets the buffer to that gradient (no dampening), later ones
+    compute ``buf * momentum + (1 - dampening) * grad``, and the param moves by
+    ``-lr`` times the buffer (Nesterov: times ``grad + momentum * buf``).
+
+    Every operation is out of place, so ``update`` works under
+    ``torch.func.vmap`` and ``torch.func.grad``.
+
+    Args:
+      lr: the learning rate, ``>= 0``.
+      momentum: the momentum factor, ``>= 0``.
+      dampening: dampening of the momentum, ``>= 0``.
+      weight_decay: L2 penalty added to the gradient, ``>= 0``.
+      nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+      maximize: ascend instead of descend.
+
+    Returns:
+      An :class:`avgfn.optim.Optimizer` whose state is an :class:`SGDState`.
+
+    Raises:
+      ValueError: a negative hyperparameter, or ``nesterov`` without momentum
+        or with dampening (as torch refuses them).
+      TypeError: a hyperparameter that is not a real number.
+
+    Examples:
+      >>> import torch, avgfn
+      >>> opt = avgfn.optim.sgd(0.1, momentum=0.9)
+      >>> params = {"w": torch.tensor([1.0])}
+      >>> state = opt.init(params)
+      >>> for _ in range(3):
+      ...     params, state = opt.update({"w": torch.tensor([1.0])}, state, params)
+      >>> params["w"], int(state.step)
+      (tensor([0.4390]), 3)
+    """
+    lr = check_float("lr", lr)
+    momentum = check_float("momentum", momentum)
+    dampening = check_float("dampening", dampening)
+    weight_decay = check_float("weight_decay", weight_decay)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+    if not isinstance(maximize, bool):
+        raise TypeError(f"maximize must be a bool, got {maximize!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            "nesterov momentum requires momentum > 0 and dampening == 0, got "
+            f"momentum={momentum}, dampening={dampening}"
+        )
+
+    def init(params: Params) -> SGDState:
+        leaves, spec = flatten_params(params, "sgd.init")
+        buffers = None
+        if momentum != 0:
+            buffers = _tree.tree_unflatten([torch.zeros_like(p) for p in leaves], spec)
+        return SGDState(_step_counter(leaves), buffers)
+
+    def update(grads: Params, state: SGDState, params: Params) -> tuple[Params, SGDState]:
+        check_state_type(state, SGDState, "sgd")
+        p_leaves, spec = flatten_params(params, "sgd.update")
+        g_leaves = flatten_like("grads", grads, spec, p_leaves, "sgd.update")
+        if momentum != 0:
+            if state.momentum_buffer is None:
+                raise ValueError(
+                    "sgd.update: the state has no momentum buffers (made by an sgd with "
+                    f"momentum=0?) but this sgd has momentum={momentum}"
+                )
+            b_leaves = flatten_like(
+                "state.momentum_buffer", state.momentum_buffer, spec, p_leaves, "sgd.update"
+            )
+            first = state.step == 0
+        elif state.momentum_buffer is not None:
+            raise ValueError(
+                "sgd.update: the state has momentum buffers (made by an sgd with momentum > 0?) "
+                "but this sgd has momentum=0"
+            )
+        new_params = []
+        new_buffers = []
+        for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+            if maximize:
+                g = torch.neg(g)
+            if weight_decay != 0:
+                g = torch.add(g, p, alpha=weight_decay)
+            if momentum != 0:
+                # torch: the first step clones the gradient, later ones
+                # buf.mul_(momentum).add_(grad, alpha=1 - dampening).
+                later = torch.add(torch.mul(b_leaves[i], momentum), g, alpha=1 - dampening)
+                buf = torch.where(first, g, later)
+                new_buffers.append(buf)
+                g = torch.add(g, buf, alpha=momentum) if nesterov else buf
+            new_params.append(torch.add(p, g, alpha=-lr))
+        buffers = _tree.tree_unflatten(new_buffers, spec) if momentum != 0 else None
+        return _tree.tree_unflatten(new_params, spec), SGDState(state.step + 1, buffers)
+
+    return Optimizer(init=init, update=update)

@@ -1,0 +1,122 @@
+"""Non-finite params: raise by default, exclude on request, never spread a NaN."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import avgfn
+from avgfn import simulate
+from avgfn.testing import RecordingReduce, peers_mean
+
+NAN = float("nan")
+
+
+def _params(bad=None):
+    params = {"a": torch.ones(3), "b": {"c": torch.full((2,), 2.0)}, "i": torch.arange(2)}
+    if bad == "b":
+        params["b"]["c"] = torch.tensor([2.0, NAN])
+    return params
+
+
+def _same(x, y):
+    return torch.equal(torch.nan_to_num(x, nan=-7.0), torch.nan_to_num(y, nan=-7.0))
+
+
+def test_raise_names_the_local_leaf_and_changes_nothing():
+    params = _params("b")
+    avg = avgfn.periodic(2, reduce=lambda t: t, warmup_steps=4)
+    state = avg.init(params)
+    with pytest.raises(avgfn.NonFiniteError, match=re.escape(
+        "at step 4: this replica holds non-finite values at ['b']['c']; nothing was averaged"
+    )) as info:
+        avg.update(params, state, 4)
+    assert info.value.step == 4 and info.value.paths == ("['b']['c']",)
+    assert _same(params["b"]["c"], torch.tensor([2.0, NAN])) and int(state.rounds) == 0
+
+
+def test_raise_when_a_peer_is_not_finite():
+    reduce = peers_mean(lambda t: t + math.inf)
+    with pytest.raises(avgfn.NonFiniteError, match=re.escape(
+        "the group's mean is non-finite at ['a'], ['b']['c']: a peer replica holds"
+    )) as info:
+        avgfn.average(_params(), reduce)
+    assert info.value.paths == ()
+
+
+def test_ignore_lets_torch_behaviour_through():
+    out = avgfn.average(_params("b"), lambda t: t, nonfinite="ignore")
+    assert math.isnan(out["b"]["c"][1].item())
+
+
+def test_default_costs_no_extra_collective():
+    reduce = RecordingReduce()
+    avgfn.average(_params(), reduce)
+    assert reduce.calls == 1
+
+
+def test_donation_exchanges_health_first_and_writes_nothing():
+    params = _params("b")
+    before = params["a"].clone()
+    reduce = RecordingReduce()
+    with pytest.raises(avgfn.NonFiniteError, match="this replica holds non-finite values at"):
+        avgfn.average(params, reduce, donate=True)
+    assert reduce.calls == 1 and reduce.inputs[0].tolist() == [1.0, 0.0]  # only the flag moved
+    assert torch.equal(params["a"], before)
+
+
+def test_policy_is_validated():
+    with pytest.raises(ValueError, match=re.escape("nonfinite must be one of ('raise', 'exclude', 'ignore'), got 'skip'")):
+        avgfn.periodic(2, reduce=lambda t: t, nonfinite="skip")
+
+
+def _stacked(bad_replica=None):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 5, generator=g)
+    b = torch.randn(4, 2, generator=g).double()
+    if bad_replica is not None:
+        w[bad_replica, 1] = NAN
+    return {"w": w, "b": b}
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_exclude_under_vmap_matches_a_hand_computation(group_size):
+    params = _stacked(bad_replica=2)
+    avg = avgfn.periodic(2, reduce=simulate.replica_mean(group_size), nonfinite="exclude")
+    state = torch.func.vmap(avg.init)(params)
+    new, _ = torch.func.vmap(avg.update, in_dims=(0, 0, None))(params, state, 0)
+    size = group_size or 4
+    for r in range(4):
+        group = range(r // size * size, r // size * size + size)
+        healthy = [g for g in group if g != 2]
+        for k in params:
+            expected = sum(params[k][g] for g in healthy) / len(healthy)
+            assert torch.allclose(new[k][r], expected, rtol=1e-6, atol=1e-7), (r, k)
+
+
+def test_exclude_equals_plain_mean_when_all_healthy():
+    params = _stacked()
+    plain = avgfn.periodic(2, reduce=simulate.replica_mean(), nonfinite="ignore")
+    excl = avgfn.periodic(2, reduce=simulate.replica_mean(), nonfinite="exclude")
+    run = lambda a: torch.func.vmap(a.update, in_dims=(0, 0, None))(params, torch.func.vmap(a.init)(params), 0)[0]  # noqa: E731
+    for k, v in run(plain).items():
+        assert torch.equal(v, run(excl)[k])
+
+
+def test_raise_under_vmap_keeps_each_replica_where_the_mean_is_not_finite():
+    params = _stacked(bad_replica=1)
+    avg = avgfn.periodic(2, reduce=simulate.replica_mean(2))
+    new, _ = torch.func.vmap(avg.update, in_dims=(0, 0, None))(params, torch.func.vmap(avg.init)(params), 0)
+    # group {0, 1} holds the NaN: both keep their own "w"; "b" is finite and averaged
+    assert _same(new["w"][0], params["w"][0]) and _same(new["w"][1], params["w"][1])
+    assert torch.allclose(new["b"][0], (params["b"][0] + params["b"][1]) / 2)
+    # group {2, 3} is healthy and averaged
+    assert torch.allclose(new["w"][2], (params["w"][2] + params["w"][3]) / 2)
+
+
+def test_exclude_with_no_healthy_replica_raises_eagerly():
+    with pytest.raises(avgfn.NonFiniteError, match="nonfinite='exclude'"):
+        avgfn.average(_params("b"), lambda t: t, nonfinite="exclude")

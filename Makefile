@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 # torch warns once per process when NumPy is absent; avgfn does not need NumPy.
 export PYTHONWARNINGS ?= ignore:Failed to initialize NumPy
 
-.PHONY: test demo venv clean
+.PHONY: test demo docs venv clean
 
 venv: $(VENV)/.installed
 
@@ -18,11 +18,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,docs,demo]"
 	touch $@
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory docs
+
+# The documentation site, built from docs/ and the docstrings; fails on any warning.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/torchrun --standalone --nnodes 1 --nproc-per-node 2 examples/local_sgd_gloo.py

@@ -127,8 +127,12 @@ def hierarchical(
         ``avgfn.simulate.hierarchy`` build them from group sizes.
       warmup_steps: steps before the first averaging, ``>= 0``.
       where: which leaves to average (see :func:`avgfn.average`).
-      donate, bucket_bytes, comm_dtype, error_feedback, nonfinite, verify: as
-        in :func:`avgfn.periodic` (``verify`` uses the largest level's group).
+      donate: as in :func:`avgfn.periodic`.
+      bucket_bytes: as in :func:`avgfn.periodic`.
+      comm_dtype: as in :func:`avgfn.periodic`.
+      error_feedback: as in :func:`avgfn.periodic`.
+      nonfinite: as in :func:`avgfn.periodic`.
+      verify: as in :func:`avgfn.periodic`, through the largest level's group.
 
     Returns:
       An :class:`avgfn.Averager` whose state is a :class:`HierarchicalState`.

@@ -43,6 +43,11 @@ DOC_PAGES = [
     "optim.md",
     "modules.md",
     "simulate.md",
+    "diloco.md",
+    "streaming_diloco.md",
+    "slowmo.md",
+    "weighted.md",
+    "temporal.md",
 ]
 
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)

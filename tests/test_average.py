@@ -189,3 +189,16 @@ def test_records_are_frozen_and_registered():
     hstate = avgfn.hierarchical([(1, lambda t: t), (2, lambda t: t)]).init({})
     assert pytree.tree_map(lambda x: x + 1, hstate).rounds.tolist() == [1, 1]
     assert state.replace(rounds=torch.ones((), dtype=torch.int64)).rounds.item() == 1
+
+
+def test_params_may_be_a_registered_record():
+    import collections
+
+    Layer = collections.namedtuple("Layer", ["weight", "bias"])  # registered by torch's pytree
+    params = {"layers": [Layer(torch.ones(2, 2), torch.zeros(2))], "scale": torch.tensor(2.0)}
+    avg = avgfn.periodic(2, reduce=peers_mean(lambda t: t + 2))
+    new, state = avg.update(params, avg.init(params), 0)
+    assert isinstance(new["layers"][0], Layer)
+    assert torch.equal(new["layers"][0].weight, torch.full((2, 2), 2.0))
+    assert torch.equal(new["layers"][0].bias, torch.ones(2))
+    assert new["scale"].item() == 3.0

@@ -29,8 +29,9 @@ test: $(VENV)/.installed
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
+# The convergence study: 8 simulated workers per algorithm, then a real 4-process check.
 demo: $(VENV)/.installed
-	$(VENV)/bin/torchrun --standalone --nnodes 1 --nproc-per-node 2 examples/local_sgd_gloo.py
+	$(PY) -m avgfn.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

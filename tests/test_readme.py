@@ -48,6 +48,7 @@ DOC_PAGES = [
     "slowmo.md",
     "weighted.md",
     "temporal.md",
+    "demo.md",
 ]
 
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)

@@ -58,9 +58,13 @@ class StreamingDiLoCoState:
 def split_fragments(numels: list[int], num_fragments: int) -> list[int]:
     """Assign leaves (in order) to ``num_fragments`` contiguous groups of about equal size.
 
-    The boundaries fall where the running element count crosses
-    ``k * total / num_fragments``, moved as little as needed so that every
+    Each boundary is the leaf start nearest to ``k * total / num_fragments``
+    (the running element count), moved as little as needed so that every
     fragment holds at least one leaf. Returns each leaf's fragment.
+
+    Examples:
+      >>> split_fragments([4096, 64, 4096, 64, 640, 10], 2)
+      [0, 0, 1, 1, 1, 1]
     """
     count = len(numels)
     total = sum(numels)
@@ -72,8 +76,11 @@ def split_fragments(numels: list[int], num_fragments: int) -> list[int]:
         running += n
     for k in range(1, num_fragments):
         target = k * total / num_fragments
-        # first leaf whose start is at or past the target
+        # the first leaf whose start is at or past the target, or the one
+        # before it when that start is nearer
         b = next((j for j, c in enumerate(cumulative) if c >= target), count)
+        if b > 0 and target - cumulative[b - 1] < (cumulative + [total])[b] - target:
+            b -= 1
         b = max(b, starts[-1] + 1)
         b = min(b, count - (num_fragments - k))
         starts.append(b)

@@ -80,13 +80,14 @@ def test_fragments_take_turns_and_start_delay_steps_early():
             sizes[step] = reduce.inputs[-1].numel()
         applied = new is not params
         assert applied == ((step + 1) % 2 == 0), step  # one fragment applied every H / F steps
-    # fragments by element count: [a, b] (7), [c] (5), [d] (1); each starts one step before it applies
-    assert sizes == {0: 7, 2: 5, 4: 1, 6: 7, 8: 5, 10: 1, 12: 7}
+    # fragments by element count: [a] (3), [b] (4), [c, d] (6); each starts one step before it applies
+    assert sizes == {0: 3, 2: 4, 4: 6, 6: 3, 8: 4, 10: 6, 12: 3}
     assert state.rounds.tolist() == [3, 2, 2]
 
 
 def test_split_fragments_is_contiguous_balanced_and_never_empty():
-    assert split_fragments([3, 4, 5, 1], 3) == [0, 0, 1, 2]
+    assert split_fragments([3, 4, 5, 1], 3) == [0, 1, 2, 2]  # sizes 3, 4, 6 (nearest boundaries)
+    assert split_fragments([4096, 64, 4096, 64, 640, 10], 2) == [0, 0, 1, 1, 1, 1]
     assert split_fragments([100, 1, 1], 3) == [0, 1, 2]
     assert split_fragments([1, 1, 1, 1], 2) == [0, 0, 1, 1]
     assert split_fragments([5], 1) == [0]

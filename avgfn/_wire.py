@@ -218,6 +218,8 @@ def reduce_leaves(
     new_res: Optional[list[Optional[torch.Tensor]]] = None
     if feedback:
         assert residuals is not None
+        # Residuals are kept in their leaf's shape; the round works on flat views.
+        residuals = [None if r is None else r.reshape(-1) for r in residuals]
         new_res = [None if r is None else torch.empty_like(r) for r in residuals]
 
     if wire.donate:
@@ -300,4 +302,6 @@ def reduce_leaves(
                 if leaf.requires_grad:
                     out.requires_grad_(True)
                 results.append(out)
+    if new_res is not None:
+        new_res = [None if r is None else r.view(leaf.shape) for r, leaf in zip(new_res, leaves)]
     return results, new_res

@@ -144,6 +144,15 @@ def test_error_feedback_keeps_what_rounding_lost():
     assert torch.equal(again.residual[0], state2.residual[0])
 
 
+def test_error_feedback_on_leaves_of_any_shape():
+    avg = avgfn.periodic(2, reduce=lambda t: t, comm_dtype=torch.bfloat16, error_feedback=True, bucket_bytes=16)
+    params = {"w": torch.randn(4, 3) + 1, "s": torch.tensor(1.0 + 2.0**-12), "e": torch.ones(0, 2)}
+    new, state = avg.update(params, avg.init(params), 0)
+    assert [r.shape for r in state.residual] == [p.shape for p in params.values()]
+    for k, r in zip(params, state.residual):
+        assert torch.equal(new[k] + r, params[k])
+
+
 def test_options_are_validated():
     with pytest.raises(TypeError, match="donate must be a bool"):
         avgfn.average({}, lambda t: t, donate=1)

@@ -49,6 +49,7 @@ DOC_PAGES = [
     "weighted.md",
     "temporal.md",
     "demo.md",
+    "failures.md",
 ]
 
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)

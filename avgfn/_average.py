@@ -37,24 +37,53 @@ def _check_result(result: Any, flat: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def average_leaves(leaves: list[torch.Tensor], reduce: Reduce) -> list[torch.Tensor]:
+def _pack_divided(leaves: list[torch.Tensor], dtype: torch.dtype, divisor: int) -> torch.Tensor:
+    """``torch.cat(leaves).to(dtype) / divisor`` in one pass over the memory."""
+    flat = torch.empty(sum(leaf.numel() for leaf in leaves), dtype=dtype, device=leaves[0].device)
+    offset = 0
+    for leaf in leaves:
+        n = leaf.numel()
+        piece = flat[offset : offset + n]
+        source = leaf.detach().reshape(-1)
+        if source.dtype == dtype:
+            torch.div(source, divisor, out=piece)
+        else:  # cast first, as cat then div_ would
+            piece.copy_(source)
+            piece.div_(divisor)
+        offset += n
+    return flat
+
+
+def average_leaves(
+    leaves: list[torch.Tensor], reduce: Reduce, watch: _health.Watch | None = None
+) -> list[torch.Tensor]:
     """Average ``leaves`` with one Reduce call per device (one in the usual case).
 
     The leaves are copied into a fresh flat buffer of :func:`compute_dtype` (the
     only buffer the Reduce sees), and come back as views of the reduced buffer
     cast to their own dtype, shape and device. The inputs are never written.
+    ``watch``, when given, notes each reduced buffer for the non-finite check.
     """
     dtype = compute_dtype(leaves)
     by_device: dict[torch.device, list[int]] = {}
     for i, leaf in enumerate(leaves):
         by_device.setdefault(leaf.device, []).append(i)
     out: list[Any] = [None] * len(leaves)
+    divisor = getattr(reduce, "divisor", None)
+    start_sum = getattr(reduce, "start_sum", None)
     for indices in by_device.values():
-        parts = [leaves[i].detach().reshape(-1) for i in indices]
-        flat = torch.cat(parts)
-        if flat.dtype != dtype:
-            flat = flat.to(dtype)
-        reduced = _check_result(reduce(flat), flat)
+        if divisor is not None and start_sum is not None:
+            # A Reduce that divides, then sums (GroupMean): the division is
+            # fused into the packing copy, with the bits of cat, then div_.
+            flat = _pack_divided([leaves[i] for i in indices], dtype, divisor())
+            reduced = _check_result(start_sum(flat).wait(), flat)
+        else:
+            flat = torch.cat([leaves[i].detach().reshape(-1) for i in indices])
+            if flat.dtype != dtype:
+                flat = flat.to(dtype)
+            reduced = _check_result(reduce(flat), flat)
+        if watch is not None:
+            watch.add(reduced)
         offset = 0
         for i in indices:
             leaf = leaves[i]
@@ -96,8 +125,10 @@ def average_tree(
     reduce = health.reduce
     if health.mask is not None:
         selected = [_zero_unless(health.mask, leaf) for leaf in selected]
+    # The eager "raise" check reads the reduced buffers; traced, it goes per leaf.
+    watch = _health.Watch() if health.check and not _health.traced(selected[0]) else None
     if wire.is_default and residual is None:
-        averaged = average_leaves(selected, reduce)
+        averaged = average_leaves(selected, reduce, watch)
         new_res_leaves = None
     else:
         res_leaves = None
@@ -108,6 +139,7 @@ def average_tree(
             reduce,
             wire,
             None if res_leaves is None else [res_leaves[i] for i in chosen],
+            watch,
         )
     if health.mask is not None:
         averaged = [_like(leaves[i], value, health.keep) for i, value in zip(chosen, averaged)]
@@ -116,6 +148,7 @@ def average_tree(
             nonfinite,
             [leaves[i] for i in chosen],
             averaged,
+            watch,
             local_bad,
             lambda flags: [_select._path_of(params, i) for i, bad in zip(chosen, flags) if bad],
         )
@@ -171,6 +204,7 @@ def _reduce_by_device(
     reduce: Reduce,
     wire: _wire.Wire,
     residuals: Any,
+    watch: _health.Watch | None = None,
 ) -> tuple[list[torch.Tensor], Any]:
     dtype = compute_dtype(leaves)
     by_device: dict[torch.device, list[int]] = {}
@@ -185,6 +219,7 @@ def _reduce_by_device(
             wire,
             dtype,
             None if residuals is None else [residuals[i] for i in indices],
+            watch,
         )
         for j, i in enumerate(indices):
             out[i] = values[j]

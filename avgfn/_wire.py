@@ -197,11 +197,13 @@ def reduce_leaves(
     wire: Wire,
     dtype: torch.dtype,
     residuals: Optional[list[Optional[torch.Tensor]]] = None,
+    watch: Any = None,
 ) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
     """Average ``leaves`` (all on one device) the way ``wire`` says.
 
     Returns the averaged leaves (the inputs themselves, written in place, when
     donating) and, when ``residuals`` is given, the new rounding residuals.
+    ``watch`` (an ``avgfn._health.Watch``) notes each reduced buffer.
     """
     wire_dtype = wire.comm_dtype or dtype
     itemsize = torch.empty((), dtype=wire_dtype).element_size()
@@ -264,6 +266,8 @@ def reduce_leaves(
                 f"reduce must return a tensor shaped like its input {tuple(buf.shape)}, "
                 f"got {getattr(result, 'shape', type(result).__name__)}"
             )
+        if watch is not None:
+            watch.add(result)
         if in_place:
             if result is not buf:
                 buf.copy_(result)

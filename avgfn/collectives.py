@@ -93,6 +93,22 @@ class GroupMean:
         if dist.get_rank(group) < 0:
             return _PendingMean(self, None, tensor, 0.0)
         tensor.div_(dist.get_world_size(group))
+        return self.start_sum(tensor)
+
+    def divisor(self) -> int:
+        """What each rank divides its values by before the sum (1 outside the group).
+
+        With :meth:`start_sum`, this lets a caller fuse the division into the
+        copy that packs its buffer (``torch.div(leaf, divisor, out=...)``):
+        the same bits as :meth:`start`, one pass over the memory fewer.
+        """
+        return max(self.size, 1)
+
+    def start_sum(self, tensor: torch.Tensor) -> "_PendingMean":
+        """Begin the sum of ``tensor`` (already divided by :meth:`divisor`) over the group."""
+        group = self._group()
+        if dist.get_rank(group) < 0:
+            return _PendingMean(self, None, tensor, 0.0)
         started = time.monotonic()
         try:
             work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)

@@ -9,11 +9,13 @@ rounds of every variant below after a warm-up, and rank 0 prints the medians:
 
   torch         torch's model_averaging.utils.average_parameters
   floor         one bare dist.all_reduce of a buffer of the same bytes
+  floor-bf16    one bare dist.all_reduce of the same count of bf16 values
   avgfn         the default pure update at an averaging step
   avgfn-donate  update(..., donate=True): params written in place
   avgfn-bucket  donate=True with bucket_bytes (async all-reduce per bucket)
   avgfn-bf16    comm_dtype=torch.bfloat16 (pure), error against fp32 reported
   avgfn-bf16-donate  bf16 on the wire, written in place
+  avgfn-bf16-bucket  bf16 on the wire, donated, staged in buckets
   off-step      update at a step where nothing is due (microseconds)
 
 Peak extra memory is the rise of the process's peak RSS during one round
@@ -104,7 +106,9 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     donated = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
     bucketed = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
     bf16_donated = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
+    bf16_bucketed = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
     floor_buf = torch.randn(args.params)
+    floor_bf16 = torch.randn(args.params).to(torch.bfloat16)
     bucket_bytes = args.bucket_mb * MB
 
     avg = avgfn.periodic(2, reduce=reduce)
@@ -112,9 +116,17 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     avg_bucket = avgfn.periodic(2, reduce=reduce, donate=True, bucket_bytes=bucket_bytes)
     avg_bf16 = avgfn.periodic(2, reduce=reduce, comm_dtype=torch.bfloat16)
     avg_bf16_donate = avgfn.periodic(2, reduce=reduce, comm_dtype=torch.bfloat16, donate=True)
+    avg_bf16_bucket = avgfn.periodic(
+        2, reduce=reduce, comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes
+    )
     state = avg.init(pure)
 
-    holder = {"donated": donated, "bucketed": bucketed, "bf16_donated": bf16_donated}
+    holder = {
+        "donated": donated,
+        "bucketed": bucketed,
+        "bf16_donated": bf16_donated,
+        "bf16_bucketed": bf16_bucketed,
+    }
     out = {}
 
     def run_torch():
@@ -122,6 +134,9 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
 
     def run_floor():
         dist.all_reduce(floor_buf)
+
+    def run_floor_bf16():
+        dist.all_reduce(floor_bf16)
 
     def run_avgfn():
         out["pure"] = avg.update(pure, state, 0)[0]
@@ -138,14 +153,19 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     def run_bf16_donate():
         holder["bf16_donated"] = avg_bf16_donate.update(holder["bf16_donated"], state, 0)[0]
 
+    def run_bf16_bucket():
+        holder["bf16_bucketed"] = avg_bf16_bucket.update(holder["bf16_bucketed"], state, 0)[0]
+
     variants = {
         "torch": run_torch,
         "floor": run_floor,
+        "floor-bf16": run_floor_bf16,
         "avgfn": run_avgfn,
         "avgfn-donate": run_donate,
         "avgfn-bucket": run_bucket,
         "avgfn-bf16": run_bf16,
         "avgfn-bf16-donate": run_bf16_donate,
+        "avgfn-bf16-bucket": run_bf16_bucket,
     }
     timings: dict = {}
     memory: dict = {}
@@ -154,7 +174,8 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     for r in range(args.warmup + rounds):
         for name, fn in variants.items():
             _measure(fn, timings if r >= args.warmup else {}, memory if r >= args.warmup else {}, name)
-            out.pop("pure", None) if name != "avgfn" else None
+            if name != "avgfn":
+                out.pop("pure", None)  # as a training loop drops the old params after a round
 
     if memory_world:
         if rank == 0:
@@ -251,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"params={args.params:,} in {args.leaves} tensors, world={args.world}, "
           f"median of {args.rounds} rounds, bucket={args.bucket_mb} MiB")
-    print(f"{'name':<20}{'median ms':>12}{'x torch':>10}{'peak extra MiB':>16}")
+    print(f"{'name':<20}{'median ms':>12}{'x torch':>10}{'peak extra MiB':>16}")  # noqa: E501
     for row in rows:
         ms = f"{row['median_ms']:.3f}" if row["name"] != "off-step" else f"{extra['off_step_us']:.1f} us"
         print(f"{row['name']:<20}{ms:>12}{row['ratio_to_torch']:>10.3f}{row['peak_extra_mb']:>16.1f}")

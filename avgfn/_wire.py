@@ -239,14 +239,24 @@ def reduce_leaves(
             pool[slot] = torch.empty(n, dtype=wire_dtype, device=device)
         return pool[slot][:n]
 
-    def pack(bucket: list[Piece], slot: int) -> tuple[torch.Tensor, bool]:
+    # A Reduce that divides, then sums (GroupMean) lets the packing copy do the
+    # division: torch.div(src, divisor, out=dst). On the exact paths that is
+    # only done where src already has the buffer's dtype (the bits of copy,
+    # then divide); on a reduced-precision wire the quotient is rounded once.
+    divisor = getattr(reduce, "divisor", None)
+    start_sum = getattr(reduce, "start_sum", None)
+    fused = divisor is not None and start_sum is not None and not feedback
+    by = divisor() if fused else 1
+
+    def pack(bucket: list[Piece], slot: int) -> tuple[torch.Tensor, bool, bool]:
         if wire.donate and not feedback:
             view = _tiled(flats, bucket, wire_dtype)
             if view is not None:
-                return view, True
+                return view, True, False
         n = sum(hi - lo for _, lo, hi in bucket)
         buf = staging(n, slot)
         o = 0
+        divided = fused
         for i, lo, hi in bucket:
             src = flats[i][lo:hi]
             dst = buf[o : o + hi - lo]
@@ -254,10 +264,15 @@ def reduce_leaves(
                 value = src.to(dtype) + residuals[i][lo:hi]  # type: ignore[index]
                 dst.copy_(value)
                 new_res[i][lo:hi] = value - dst.to(value.dtype)  # type: ignore[index]
+            elif fused and (src.dtype == wire_dtype or wire.comm_dtype is not None):
+                torch.div(src, by, out=dst)
+            elif fused:
+                dst.copy_(src)
+                dst.div_(by)
             else:
                 dst.copy_(src)
             o += hi - lo
-        return buf, False
+        return buf, False, divided
 
     def finish(bucket: list[Piece], buf: torch.Tensor, in_place: bool, pending: Pending) -> None:
         result = pending.wait()
@@ -290,8 +305,9 @@ def reduce_leaves(
         for k, bucket in enumerate(plan_buckets([f.numel() for f in flats], capacity)):
             if len(in_flight) == 2:
                 finish(*in_flight.popleft())
-            buf, in_place = pack(bucket, k % 2)
-            in_flight.append((bucket, buf, in_place, start(reduce, buf)))
+            buf, in_place, divided = pack(bucket, k % 2)
+            pending = start_sum(buf) if divided else start(reduce, buf)  # type: ignore[misc]
+            in_flight.append((bucket, buf, in_place, pending))
         while in_flight:
             finish(*in_flight.popleft())
 

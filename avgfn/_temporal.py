@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from avgfn import _select, _tree
+from avgfn import _health, _select, _tree
 from avgfn._base import Averager, Params, check_int, check_state, check_step
+from avgfn._errors import NonFiniteError
 from avgfn._records import record
 
 __all__ = ["EMAState", "SWAState", "ema", "swa"]
@@ -64,7 +65,11 @@ def _temporal(
     start: int,
     every: int,
     where: _select.Where,
+    nonfinite: str,
 ) -> Averager:
+    if nonfinite not in _POLICIES:
+        raise ValueError(f"nonfinite must be one of {_POLICIES}, got {nonfinite!r}")
+
     def init(params: Params) -> Any:
         leaves = _tree.tree_leaves(params)
         device = next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor)), torch.device("cpu"))
@@ -83,6 +88,28 @@ def _temporal(
                 f"{name}: state.average does not have the structure of params (was the state made "
                 f"by init for these params?); it is {a_spec}, params are {spec}"
             )
+        count = state.count + 1
+        chosen_leaves = [leaf for leaf, chosen in zip(leaves, mask) if chosen]
+        ok = None
+        if nonfinite != "ignore" and chosen_leaves:
+            ok = _health.finite([leaf.detach() for leaf in chosen_leaves])
+            if not _health.traced(chosen_leaves[0]):
+                if not bool(ok):
+                    if nonfinite == "skip":
+                        return params, state
+                    paths = [
+                        _select._path_of(params, i)
+                        for i, (leaf, chosen) in enumerate(zip(leaves, mask))
+                        if chosen and not bool(_health.finite([leaf.detach()]))
+                    ]
+                    raise NonFiniteError(
+                        f"{name}: the params hold non-finite values at {', '.join(paths)}; the "
+                        f"average was not updated (nonfinite={nonfinite!r})",
+                        paths=tuple(paths),
+                    ).at_step(step)
+                ok = None
+            else:  # under vmap or compile: a replica that is not finite keeps its average
+                count = state.count + ok.to(state.count.dtype)
         first = state.count == 0
         out = []
         for leaf, avg, chosen in zip(leaves, averages, mask):
@@ -100,21 +127,32 @@ def _temporal(
                         f"{tuple(avg.shape)}"
                     )
                 # torch's AveragedModel copies the params at its first update.
-                out.append(torch.where(first, current, fold(avg, current, state.count)))
+                new = torch.where(first, current, fold(avg, current, state.count))
+                out.append(new if ok is None else torch.where(ok, new, avg))
             elif isinstance(leaf, torch.Tensor):
                 out.append(leaf.detach().clone())
             else:
                 out.append(leaf)
-        return params, state_cls(state.count + 1, _tree.tree_unflatten(out, spec))
+        return params, state_cls(count, _tree.tree_unflatten(out, spec))
 
     return Averager(init=init, update=update)
+
+
+_POLICIES = ("raise", "skip", "ignore")
 
 
 def _check_schedule(start: Any, every: Any) -> tuple[int, int]:
     return check_int("start", start, minimum=0), check_int("every", every, minimum=1)
 
 
-def ema(decay: float, *, start: int = 0, every: int = 1, where: _select.Where = None) -> Averager:
+def ema(
+    decay: float,
+    *,
+    start: int = 0,
+    every: int = 1,
+    where: _select.Where = None,
+    nonfinite: str = "raise",
+) -> Averager:
     """An exponential moving average of the params (torch's ``get_ema_multi_avg_fn``).
 
     At ``step >= start`` with ``(step - start) % every == 0`` the average is
@@ -132,6 +170,11 @@ def ema(decay: float, *, start: int = 0, every: int = 1, where: _select.Where = 
       every: update every ``every`` steps from ``start``, ``>= 1``.
       where: which leaves to average (see :func:`avgfn.average`); the other
         tensor leaves are copied, as torch keeps buffers in sync.
+      nonfinite: when a selected leaf holds NaN or infinity at an update:
+        ``"raise"`` (default; :class:`avgfn.NonFiniteError`, the state is
+        kept), ``"skip"`` (the update is skipped) or ``"ignore"`` (torch's
+        behaviour: the average takes the value in). Under ``vmap`` or
+        ``torch.compile``, ``"raise"`` skips, replica by replica.
 
     Returns:
       An :class:`avgfn.Averager` whose state is an :class:`EMAState`.
@@ -163,10 +206,12 @@ def ema(decay: float, *, start: int = 0, every: int = 1, where: _select.Where = 
         del count
         return torch.lerp(average, current, weight)
 
-    return _temporal("ema", EMAState, fold, start, every, where)
+    return _temporal("ema", EMAState, fold, start, every, where, nonfinite)
 
 
-def swa(*, start: int = 0, every: int = 1, where: _select.Where = None) -> Averager:
+def swa(
+    *, start: int = 0, every: int = 1, where: _select.Where = None, nonfinite: str = "raise"
+) -> Averager:
     """Stochastic weight averaging: the equal-weight average of the params over steps.
 
     At ``step >= start`` with ``(step - start) % every == 0`` the average is
@@ -181,6 +226,7 @@ def swa(*, start: int = 0, every: int = 1, where: _select.Where = None) -> Avera
         ``if i > swa_start``).
       every: update every ``every`` steps from ``start``, ``>= 1``.
       where: which leaves to average.
+      nonfinite: as in :func:`ema`.
 
     Returns:
       An :class:`avgfn.Averager` whose state is an :class:`SWAState`.
@@ -204,4 +250,4 @@ def swa(*, start: int = 0, every: int = 1, where: _select.Where = None) -> Avera
     def fold(average: torch.Tensor, current: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         return average + (current - average) / (count + 1)
 
-    return _temporal("swa", SWAState, fold, start, every, where)
+    return _temporal("swa", SWAState, fold, start, every, where, nonfinite)

@@ -157,3 +157,31 @@ def test_bad_input():
         chain()
     with pytest.raises(TypeError, match="argument 1 must be an avgfn.Averager"):
         chain(swa(), lambda p, s, step: (p, s))
+
+
+def test_nonfinite_params_never_reach_the_average():
+    import pytest
+
+    import avgfn
+
+    good = {"w": torch.ones(2)}
+    bad = {"w": torch.tensor([1.0, float("nan")])}
+    for make in (lambda **kw: avgfn.ema(0.5, **kw), lambda **kw: avgfn.swa(**kw)):
+        avg = make()
+        _, state = avg.update(good, avg.init(good), 0)
+        with pytest.raises(avgfn.NonFiniteError, match=r"at step 1: .* non-finite values at \['w'\]"):
+            avg.update(bad, state, 1)
+        skip = make(nonfinite="skip")
+        _, s1 = skip.update(good, skip.init(good), 0)
+        _, s2 = skip.update(bad, s1, 1)
+        assert s2 is s1
+        # under vmap a non-finite replica keeps its average and count; the others update
+        stacked = {"w": torch.stack([torch.full((2,), 3.0), bad["w"]])}
+        init = torch.func.vmap(avg.init)({"w": torch.ones(2, 2)})
+        _, st = torch.func.vmap(avg.update, in_dims=(0, 0, None))({"w": torch.ones(2, 2)}, init, 0)
+        _, st = torch.func.vmap(avg.update, in_dims=(0, 0, None))(stacked, st, 1)
+        assert st.count.tolist() == [2, 1]
+        assert torch.equal(st.average["w"][1], torch.ones(2))
+        assert torch.isfinite(st.average["w"][0]).all() and st.average["w"][0][0].item() > 1.0
+        with pytest.raises(ValueError, match="nonfinite must be one of"):
+            make(nonfinite="bogus")

@@ -53,10 +53,13 @@ from avgfn._weighted import WeightedState as WeightedState
 from avgfn._weighted import fedavg as fedavg
 from avgfn._weighted import fedavgm as fedavgm
 from avgfn._weighted import weighted as weighted
+from avgfn._wire import AsyncReduce as AsyncReduce
+from avgfn._wire import Pending as Pending
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncReduce",
     "Averager",
     "AveragingError",
     "AveragingOptimizer",
@@ -73,6 +76,7 @@ __all__ = [
     "NonFiniteError",
     "Params",
     "PeerError",
+    "Pending",
     "PeriodicState",
     "PostLocalSGD",
     "Reduce",

@@ -14,7 +14,7 @@ import torch
 
 from avgfn import _tree
 from avgfn._base import Averager, Params, check_state, check_step
-from avgfn._post_local import GradientSchedule, PostLocalSGD
+from avgfn._post_local import GradientSchedule, PostLocalSGD, unpack
 from avgfn._records import record
 from avgfn.optim._base import Optimizer
 
@@ -130,14 +130,7 @@ def with_averaging(
       >>> params["w"], int(state.optimizer.step), int(state.averager.rounds)
       (tensor([0.7000]), 3, 1)
     """
-    if isinstance(averager, PostLocalSGD):
-        if gradients is not None:
-            raise TypeError(
-                "with_averaging: averager is a PostLocalSGD, which carries its own gradient "
-                "schedule; do not pass gradients= as well"
-            )
-        gradients = averager.gradients
-        averager = averager.averager
+    averager, gradients = unpack(averager, gradients, "with_averaging")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(
             f"with_averaging: optimizer must be an avgfn.optim.Optimizer, got {type(optimizer).__name__}"

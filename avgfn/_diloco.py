@@ -299,6 +299,17 @@ def default_outer() -> Optimizer:
     return sgd(0.7, momentum=0.9, nesterov=True)
 
 
+def outer_options(
+    outer_optimizer: Optional[Optimizer], where: _select.Where, nonfinite: Any, verify: Any
+) -> tuple[Optimizer, str, Optional[str]]:
+    """Validate the options the outer-step averagers share; fill in the default outer step."""
+    outer = default_outer() if outer_optimizer is None else check_outer_optimizer(
+        "outer_optimizer", outer_optimizer
+    )
+    _select.check_where(where)
+    return outer, check_nonfinite(nonfinite), check_mode(verify)
+
+
 def outer_averager(
     who: str,
     period: int,
@@ -421,13 +432,7 @@ def diloco(
     """
     period = check_int("period", period, minimum=1)
     check_reduce("reduce", reduce)
-    if outer_optimizer is None:
-        outer = default_outer()
-    else:
-        outer = check_outer_optimizer("outer_optimizer", outer_optimizer)
-    _select.check_where(where)
-    nonfinite = check_nonfinite(nonfinite)
-    verify = check_mode(verify)
+    outer, nonfinite, verify = outer_options(outer_optimizer, where, nonfinite, verify)
     wire = _wire.make_wire(False, bucket_bytes, comm_dtype)
     return outer_averager(
         "diloco", period, reduce=reduce, outer=outer, mean=plain_mean(reduce, wire, nonfinite),

@@ -18,7 +18,7 @@ from avgfn import _tree
 from avgfn._average import average_tree
 from avgfn._base import Averager, Params, Reduce, check_reduce
 from avgfn._compose import AveragingState, AveragingUpdate, Skip, with_averaging
-from avgfn._post_local import GradientSchedule, PostLocalSGD
+from avgfn._post_local import GradientSchedule, PostLocalSGD, unpack
 from avgfn.optim._base import Optimizer
 
 __all__ = ["INNER_STATE_POLICIES", "sync_inner_state", "with_inner_state"]
@@ -206,14 +206,7 @@ def with_inner_state(
       >>> int(state.optimizer.step), state.optimizer.exp_avg["w"]   # reset at the sync (step 1)
       (0, tensor([0.]))
     """
-    if isinstance(averager, PostLocalSGD):
-        if gradients is not None:
-            raise TypeError(
-                "with_inner_state: averager is a PostLocalSGD, which carries its own gradient "
-                "schedule; do not pass gradients= as well"
-            )
-        gradients = averager.gradients
-        averager = averager.averager
+    averager, gradients = unpack(averager, gradients, "with_inner_state")
     if not isinstance(averager, Averager):
         raise TypeError(
             "with_inner_state: averager must be an avgfn.Averager or an avgfn.PostLocalSGD, "

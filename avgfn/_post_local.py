@@ -249,3 +249,19 @@ def post_local_sgd(
             levels, warmup_steps=start_step, where=where, **averager_options  # type: ignore[arg-type]
         )
     return PostLocalSGD(start_step=start_step, gradients=gradients, averager=averager)
+
+
+def unpack(averager: Any, gradients: Any, who: str) -> tuple[Any, Any]:
+    """``(averager, gradients)`` from either an averager or a :class:`PostLocalSGD`.
+
+    A PostLocalSGD carries its own gradient schedule, so passing ``gradients``
+    as well is refused (``who`` names the caller in the message).
+    """
+    if isinstance(averager, PostLocalSGD):
+        if gradients is not None:
+            raise TypeError(
+                f"{who}: averager is a PostLocalSGD, which carries its own gradient "
+                "schedule; do not pass gradients= as well"
+            )
+        return averager.averager, averager.gradients
+    return averager, gradients

@@ -13,11 +13,9 @@ from avgfn._diloco import (
     at_step,
     verify_selected,
     check_match,
-    check_nonfinite,
-    check_outer_optimizer,
     counter,
-    default_outer,
     outer_apply,
+    outer_options,
     plain_mean,
     pseudo_gradient,
     selected,
@@ -25,7 +23,6 @@ from avgfn._diloco import (
     to_local,
 )
 from avgfn._records import record
-from avgfn._verify import check_mode
 from avgfn.optim._base import Optimizer
 
 __all__ = ["StreamingDiLoCoState", "streaming_diloco"]
@@ -202,13 +199,7 @@ def streaming_diloco(
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if outer_optimizer is None:
-        outer = default_outer()
-    else:
-        outer = check_outer_optimizer("outer_optimizer", outer_optimizer)
-    _select.check_where(where)
-    nonfinite = check_nonfinite(nonfinite)
-    verify = check_mode(verify)
+    outer, nonfinite, verify = outer_options(outer_optimizer, where, nonfinite, verify)
     if fragment_of is not None:
         for value in _tree.tree_leaves(fragment_of):
             if isinstance(value, bool) or not isinstance(value, int):

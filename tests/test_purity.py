@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.utils._pytree as pytree
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import avgfn
@@ -74,7 +74,7 @@ WHERES = {
 }
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     params=trees,
     kind=st.sampled_from(["periodic", "hierarchical"]),
@@ -121,7 +121,7 @@ def test_update_is_pure(params, kind, reduce_name, where_name, step):
     assert pytree.tree_flatten(new_state)[1] == pytree.tree_flatten(state)[1]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(params=trees)
 def test_group_of_one_is_identity_in_value(params):
     new = avgfn.average(params, lambda t: t)

@@ -116,8 +116,14 @@ def average_tree(
     if not chosen:
         return params, residual
     selected = [leaves[i] for i in chosen]
+    if not wire.is_default and _wire.batched(selected[0]):
+        raise ValueError(
+            "donate, bucket_bytes and comm_dtype are not supported under torch.func.vmap (they "
+            f"stage values in plain buffers); got {wire}. Use the default round there."
+        )
     if wire.donate:
         _wire.check_donatable(leaves, mask, lambda i: _select._path_of(params, i))
+
     def local_bad() -> list[str]:
         return [_select._path_of(params, i) for i in chosen if not bool(_health.finite([leaves[i]]))]
 

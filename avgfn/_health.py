@@ -34,6 +34,7 @@ import torch
 
 from avgfn._base import Reduce
 from avgfn._errors import NonFiniteError
+from avgfn._wire import batched
 
 POLICIES = ("raise", "exclude", "ignore")
 
@@ -47,9 +48,7 @@ def check_policy(nonfinite: Any) -> str:
 
 def traced(leaf: torch.Tensor) -> bool:
     """True under a torch.func transform or while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch._C._functorch.is_functorch_wrapped_tensor(leaf)
+    return torch.compiler.is_compiling() or batched(leaf)
 
 
 def _extremes(t: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,11 @@ def make_wire(donate: Any = False, bucket_bytes: Any = None, comm_dtype: Any = N
     return Wire(donate, bucket_bytes, comm_dtype)
 
 
+def batched(t: torch.Tensor) -> bool:
+    """True for a tensor seen inside a torch.func transform (vmap, grad)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The byte range of ``t``'s storage that ``t`` can reach."""
     start = t.data_ptr()

@@ -188,3 +188,14 @@ def test_fast_paths_on_gloo():
                 assert torch.allclose(out[name][k], ref[k], rtol=2**-7, atol=2**-7), (name, k)
     for k in results[0]["default"]:
         assert torch.equal(results[0]["bucket_donate"][k], results[1]["bucket_donate"][k])
+
+
+@pytest.mark.parametrize("option", [{"donate": True}, {"bucket_bytes": 64}, {"comm_dtype": torch.bfloat16}])
+def test_fast_paths_say_clearly_that_vmap_is_not_supported(option):
+    from avgfn import simulate
+
+    avg = avgfn.periodic(2, reduce=simulate.replica_mean(), **option)
+    stacked = {"w": torch.ones(4, 3)}
+    state = torch.func.vmap(avg.init)(stacked)
+    with pytest.raises(ValueError, match="not supported under torch.func.vmap"):
+        torch.func.vmap(avg.update, in_dims=(0, 0, None))(stacked, state, 0)

@@ -161,6 +161,7 @@ def main() -> None:
             f"{int(state.rounds)} param averagings in {local_steps} local steps "
             f"(plus {min(args.warmup, args.steps)} gradient averagings in the warm-up)"
         )
+    dist.barrier()  # let every rank finish before any tears its connections down
     dist.destroy_process_group()
 
 

@@ -151,6 +151,7 @@ def main() -> None:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
 
     say(f"[rank {rank}] final digest {digest(model)}")
+    dist.barrier()  # let every rank finish before any tears its connections down
     dist.destroy_process_group()
 
 

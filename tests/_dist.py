@@ -36,6 +36,7 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, folder: str, arg
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(folder, f"result{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 

@@ -10,31 +10,10 @@ from hypothesis import strategies as st
 import avgfn
 from avgfn.testing import RecordingReduce, raising_reduce
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]
-
-
-@st.composite
-def tensors(draw):
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
-    seed = draw(st.integers(0, 2**16))
-    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 4
-    t = t.to(dtype)
-    if draw(st.booleans()) and dtype.is_floating_point:
-        t = t.requires_grad_()
-    return t
-
-
-leaves = st.one_of(tensors(), tensors(), st.integers(-5, 5), st.just("tag"))
-trees = st.recursive(
-    leaves,
-    lambda children: st.one_of(
-        st.lists(children, max_size=3),
-        st.lists(children, max_size=3).map(tuple),
-        st.dictionaries(st.sampled_from("abcde"), children, max_size=3),
-    ),
-    max_leaves=8,
-)
+# The random trees of the fault properties: any dtype, non-contiguous and
+# autograd leaves, shared views, None and other non-tensor leaves.
+from test_fault_properties import _assert_unchanged as _unchanged
+from test_fault_properties import _snapshot, trees
 
 REDUCES = {
     "identity": lambda: RecordingReduce(),
@@ -45,21 +24,8 @@ REDUCES = {
 }
 
 
-def _snapshot(tree):
-    flat, _ = pytree.tree_flatten(tree)
-    return [(id(x), x.detach().clone() if isinstance(x, torch.Tensor) else x) for x in flat]
-
-
 def _assert_unchanged(tree, snap):
-    flat, _ = pytree.tree_flatten(tree)
-    assert len(flat) == len(snap)
-    for x, (ident, copy) in zip(flat, snap):
-        assert id(x) == ident
-        if isinstance(x, torch.Tensor):
-            assert x.dtype == copy.dtype and x.shape == copy.shape
-            assert torch.equal(x.detach(), copy) or (copy.isnan().any() and torch.equal(x.isnan(), copy.isnan()))
-        else:
-            assert x == copy
+    _unchanged(tree, snap, "update")
 
 
 def _make(kind, reduce, where):

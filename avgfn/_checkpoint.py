@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from avgfn import _tree
+from avgfn._core import tree as _tree
 
 _SCALARS = (bool, int, float)
 

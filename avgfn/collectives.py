@@ -15,8 +15,9 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from avgfn._errors import PeerError, ReplicaMismatchError
-from avgfn._hierarchical import group_sizes
+from avgfn._core.errors import PeerError, ReplicaMismatchError
+from avgfn._core.levels import group_sizes
+from avgfn._core.types import ReduceSchedule
 
 Timeout = Union[None, float, int, datetime.timedelta]
 
@@ -116,7 +117,15 @@ class GroupMean:
             raise self._failure(error, started) from error
         return _PendingMean(self, work, tensor, started)
 
+    def commit(self) -> bool:
+        """A process group keeps every round that completes: always True."""
+        return True
+
     def check_replicas(self, digest: bytes, entries: list[tuple[str, str]]) -> None:
+        """:meth:`agree` with the entries given as a list."""
+        self.agree(digest, lambda: entries)
+
+    def agree(self, digest: bytes, entries: Any) -> None:
         """Raise :class:`avgfn.ReplicaMismatchError` on every rank unless all digests agree.
 
         One all-reduce of two int64 values (the digest and its negation, with
@@ -134,12 +143,13 @@ class GroupMean:
         self._collective(lambda: dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group, async_op=True))
         if probe[0].item() == value and probe[1].item() == -value:
             return
-        gathered = self._gather_entries(entries, group)
+        gathered = self._gather_entries(entries(), group)
         ranks = dist.get_process_group_ranks(group)
         raise ReplicaMismatchError(
             f"the replicas of {self.describe()} hold params that differ: "
             + _first_difference(gathered, ranks)
-            + " (averaging them would fail or mix unrelated numbers; pass verify=None to skip this check)"
+            + " (averaging them would fail or mix unrelated numbers, so nothing was averaged; "
+            "Round(verify=None) skips this check at init, Round(agree=False) the one at each round)"
         )
 
     def _collective(self, begin: Any) -> None:
@@ -190,15 +200,20 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
         if other == first:
             continue
         mine, theirs = dict(first), dict(other)
+        if mine.get("<step>") != theirs.get("<step>"):
+            return (
+                f"rank {ranks[0]} averages at step {mine.get('<step>')}, rank {rank} at step "
+                f"{theirs.get('<step>')} (their schedules are out of step)"
+            )
         for path, what in first:
-            if path == "<values>":
+            if path in ("<values>", "<step>"):
                 continue
             if path not in theirs:
                 return f"rank {ranks[0]} has {path}: {what}, rank {rank} has no leaf {path}"
             if theirs[path] != what:
                 return f"rank {ranks[0]} has {path}: {what}, rank {rank} has {path}: {theirs[path]}"
         for path, what in other:
-            if path != "<values>" and path not in mine:
+            if path not in ("<values>", "<step>") and path not in mine:
                 return f"rank {ranks[0]} has no leaf {path}, rank {rank} has {path}: {what}"
         if mine.get("<values>") != theirs.get("<values>"):
             return f"rank {ranks[0]} and rank {rank} start from different values"
@@ -421,9 +436,7 @@ def ddp_comm_hook(gradients: Any, *, step: Optional[Any] = None) -> tuple[CommHo
       (3, 1)
       >>> dist.destroy_process_group()
     """
-    from avgfn._post_local import GradientSchedule
-
-    if not isinstance(gradients, GradientSchedule):
+    if not isinstance(gradients, ReduceSchedule):
         raise TypeError(
             f"ddp_comm_hook: gradients must be an avgfn.GradientSchedule, got {type(gradients).__name__}"
         )

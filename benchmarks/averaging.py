@@ -112,12 +112,12 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     bucket_bytes = args.bucket_mb * MB
 
     avg = avgfn.periodic(2, reduce=reduce)
-    avg_donate = avgfn.periodic(2, reduce=reduce, donate=True)
-    avg_bucket = avgfn.periodic(2, reduce=reduce, donate=True, bucket_bytes=bucket_bytes)
-    avg_bf16 = avgfn.periodic(2, reduce=reduce, comm_dtype=torch.bfloat16)
-    avg_bf16_donate = avgfn.periodic(2, reduce=reduce, comm_dtype=torch.bfloat16, donate=True)
+    avg_donate = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(donate=True))
+    avg_bucket = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(donate=True, bucket_bytes=bucket_bytes))
+    avg_bf16 = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16))
+    avg_bf16_donate = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16, donate=True))
     avg_bf16_bucket = avgfn.periodic(
-        2, reduce=reduce, comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes
+        2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes), 
     )
     state = avg.init(pure)
 

@@ -181,12 +181,12 @@ def test_state_type_is_checked():
 def test_records_are_frozen_and_registered():
     import torch.utils._pytree as pytree
 
-    state = avgfn.periodic(2, reduce=lambda t: t).init({})
+    state = avgfn.periodic(2, reduce=lambda t: t).init({"w": torch.zeros(1)})
     with pytest.raises(Exception):
         state.rounds = torch.ones(())
     paths = pytree.tree_flatten_with_path(state)[0]
     assert [pytree.keystr(p) for p, _ in paths] == [".rounds"]
-    hstate = avgfn.hierarchical([(1, lambda t: t), (2, lambda t: t)]).init({})
+    hstate = avgfn.hierarchical([(1, lambda t: t), (2, lambda t: t)]).init({"w": torch.zeros(1)})
     assert pytree.tree_map(lambda x: x + 1, hstate).rounds.tolist() == [1, 1]
     assert state.replace(rounds=torch.ones((), dtype=torch.int64)).rounds.item() == 1
 

@@ -52,14 +52,14 @@ def test_round_trip_and_exact_resume(name):
 
 def test_keys_are_pytree_paths():
     avg = _averagers()["hierarchical"]
-    assert list(avgfn.state_dict(avg.init({}))) == [".rounds"]
-    nested = {"inner": [avg.init({}), 2.5]}
+    assert list(avgfn.state_dict(avg.init({"w": torch.zeros(1)}))) == [".rounds"]
+    nested = {"inner": [avg.init({"w": torch.zeros(1)}), 2.5]}
     assert avgfn.state_dict(nested) == {"['inner'][0].rounds": nested["inner"][0].rounds, "['inner'][1]": 2.5}
 
 
 def test_strict_loading():
     avg = _averagers()["periodic"]
-    template = avg.init({})
+    template = avg.init({"w": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"missing keys \['.rounds'\], unknown keys \[\]"):
         avgfn.load_state_dict(template, {})
     with pytest.raises(ValueError, match=r"unknown keys \['.extra'\]"):
@@ -74,9 +74,9 @@ def test_strict_loading():
 
 def test_checkpoint_from_another_algorithm_is_refused():
     p, h = _averagers()["periodic"], _averagers()["hierarchical"]
-    sd = avgfn.state_dict(h.init({}))  # rounds has shape (2,)
+    sd = avgfn.state_dict(h.init({"w": torch.zeros(1)}))  # rounds has shape (2,)
     with pytest.raises(ValueError, match="shape"):
-        avgfn.load_state_dict(p.init({}), sd)
+        avgfn.load_state_dict(p.init({"w": torch.zeros(1)}), sd)
 
 
 def test_scalar_leaves_are_type_checked():

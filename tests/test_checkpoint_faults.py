@@ -24,12 +24,12 @@ import torch.utils._pytree as pytree
 
 import avgfn
 from avgfn import optim
-from avgfn._chain import chain
-from avgfn._diloco import diloco
-from avgfn._slowmo import slowmo
-from avgfn._streaming import streaming_diloco
-from avgfn._temporal import ema
-from avgfn._weighted import fedavg
+from avgfn import chain
+from avgfn import diloco
+from avgfn import slowmo
+from avgfn import streaming_diloco
+from avgfn import ema
+from avgfn import fedavg
 from avgfn.testing import peers_mean
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def _averagers() -> dict[str, avgfn.Averager]:
     reduce = peers_mean(lambda t: t * 0.5)
     return {
         "periodic": avgfn.periodic(2, reduce=reduce),
-        "periodic_feedback": avgfn.periodic(2, reduce=reduce, comm_dtype=torch.bfloat16, error_feedback=True),
+        "periodic_feedback": avgfn.periodic(2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16, error_feedback=True)),
         "hierarchical": avgfn.hierarchical([(2, reduce), (4, reduce)]),
         "diloco": diloco(2, reduce=reduce, outer_optimizer=optim.adamw(0.1)),
         "streaming": streaming_diloco(4, reduce=reduce, num_fragments=2, delay=1),

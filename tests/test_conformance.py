@@ -35,12 +35,12 @@ from torch.func import grad, vmap
 import avgfn
 from _dist import run_world
 from avgfn import collectives, optim, simulate
-from avgfn._chain import chain
-from avgfn._diloco import diloco
-from avgfn._slowmo import slowmo
-from avgfn._streaming import streaming_diloco
-from avgfn._temporal import ema, swa
-from avgfn._weighted import fedavg, fedavgm, weighted
+from avgfn import chain
+from avgfn import diloco
+from avgfn import slowmo
+from avgfn import streaming_diloco
+from avgfn import ema, swa
+from avgfn import fedavg, fedavgm, weighted
 from avgfn.testing import peers_mean
 
 WORLD = 4
@@ -318,7 +318,7 @@ def _diloco_oracle(rank: int) -> list[tuple[int, bool]]:
         local = local_step(params, xs[step], ys[step])
         if (step + 1) % 4 == 0:
             pseudo = tuple(g.detach() - local[k] for g, k in zip(glob, FLOAT_KEYS))
-            averaged = avgfn.average(pseudo, mean, nonfinite="ignore")
+            averaged = avgfn.average(pseudo, mean, round=avgfn.Round(nonfinite="ignore"))
             for g, a in zip(glob, averaged):
                 g.grad = a
             opt.step()

@@ -163,22 +163,40 @@ def test_hierarchical_bytes_by_level_and_dtype():
     assert ledger.bytes == {"all": 80, "pairs": 80}
 
 
-def test_counting_reduce_passes_only_the_replica_check_through():
+def test_counting_reduce_counts_every_buffer_and_forwards_the_group_capabilities():
     class Inner:
+        size = 4
+        agreed = []
+
         def __call__(self, t):
             return t
 
-        def check_replicas(self, digest, entries):
-            return "checked"
+        def divisor(self):
+            return 4
 
-        def start(self, t):  # an async path would dodge the count: not exposed
-            raise AssertionError
+        def start(self, t):
+            return avgfn.collectives.GroupMean.start  # never reached in this test
 
-    counting = CountingReduce(Inner(), Ledger(), "x")
-    assert counting.check_replicas(b"", []) == "checked"
-    assert not hasattr(counting, "start")
-    assert not hasattr(CountingReduce(lambda t: t, Ledger(), "x"), "check_replicas")
-    with pytest.raises(TypeError, match="callable"):
+        def start_sum(self, t):
+            class Done:
+                def wait(self):
+                    return t * 4
+
+            return Done()
+
+        def agree(self, digest, entries):
+            self.agreed.append(entries())
+
+        def commit(self):
+            return True
+
+    ledger = Ledger()
+    counting = CountingReduce(Inner(), ledger, "x")
+    out = avgfn.average({"w": torch.ones(3)}, counting)
+    assert torch.equal(out["w"], torch.ones(3))  # the fused division went through the wrapper
+    assert ledger.calls == {"x": 1} and ledger.bytes == {"x": 12}
+    assert Inner.agreed and Inner.agreed[0][0][0] == "<step>"
+    with pytest.raises(TypeError, match="Reduce"):
         CountingReduce(3, Ledger(), "x")
 
 

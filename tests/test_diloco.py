@@ -13,11 +13,11 @@ from torch.func import grad, vmap
 
 import avgfn
 from avgfn import optim, simulate
-from avgfn._compose import with_averaging
-from avgfn._diloco import DiLoCoState, diloco
-from avgfn._errors import NonFiniteError
-from avgfn._inner_state import sync_inner_state, with_inner_state
-from avgfn._streaming import streaming_diloco
+from avgfn import with_averaging
+from avgfn import DiLoCoState, diloco
+from avgfn import NonFiniteError
+from avgfn import sync_inner_state, with_inner_state
+from avgfn import streaming_diloco
 from avgfn.testing import RecordingReduce, peers_mean
 
 W = 3
@@ -151,7 +151,7 @@ def test_pseudo_gradient_is_global_minus_local():
 
 def test_global_copy_is_float32_for_half_params_and_the_wire_dtype_is_honoured():
     reduce = RecordingReduce()
-    avg = diloco(2, reduce=reduce, comm_dtype=torch.bfloat16, outer_optimizer=optim.sgd(1.0))
+    avg = diloco(2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16), outer_optimizer=optim.sgd(1.0))
     params = {"h": torch.ones(3, dtype=torch.bfloat16), "d": torch.ones(2, dtype=torch.float64)}
     state = avg.init(params)
     assert [g.dtype for g in state.global_params] == [torch.float32, torch.float64]
@@ -177,24 +177,20 @@ def test_where_leaves_other_leaves_alone():
 
 
 def test_init_copies_and_verifies_only_the_selected_leaves():
-    class Checking:
-        def __init__(self):
-            self.entries = None
+    class Checking(avgfn.ForwardingReduce):
+        entries = None
 
-        def __call__(self, t):
-            return t
+        def agree(self, digest, entries):
+            self.entries = entries()
 
-        def check_replicas(self, digest, entries):
-            self.entries = entries
-
-    reduce = Checking()
+    reduce = Checking(lambda t: t)
     params = {"w": torch.ones(2), "count": torch.tensor(3)}
     state = diloco(2, reduce=reduce).init(params)
     assert reduce.entries[:2] == [("['w']", "(2,) torch.float32"), ("['count']", "NoneType")]
     assert reduce.entries[2][0] == "<values>"
     assert state.global_params[0] is not params["w"] and torch.equal(state.global_params[0], params["w"])
     reduce.entries = None
-    diloco(2, reduce=reduce, verify=None).init(params)
+    diloco(2, reduce=reduce, round=avgfn.Round(verify=None)).init(params)
     assert reduce.entries is None
 
 
@@ -235,7 +231,7 @@ def test_nonfinite_raise_on_an_outer_step_that_overflows():
 
 
 def test_nonfinite_skip_keeps_the_global_params_and_restarts_local_from_them():
-    avg = diloco(2, reduce=lambda t: t, nonfinite="skip")
+    avg = diloco(2, reduce=lambda t: t, round=avgfn.Round(nonfinite="skip"))
     params = {"w": torch.ones(2)}
     state = avg.init(params)
     good, state = avg.update({"w": torch.full((2,), 0.5)}, state, 1)
@@ -259,7 +255,7 @@ def test_nonfinite_raise_skips_under_vmap_and_all_replicas_agree():
 
 
 def test_nonfinite_exclude_averages_the_healthy_replicas():
-    avg = diloco(1, reduce=simulate.replica_mean(), outer_optimizer=optim.sgd(1.0), nonfinite="exclude")
+    avg = diloco(1, reduce=simulate.replica_mean(), outer_optimizer=optim.sgd(1.0), round=avgfn.Round(nonfinite="exclude"))
     stacked = {"w": torch.zeros(3, 2)}
     state = vmap(avg.init)(stacked)
     local_p = {"w": torch.tensor([[1.0, 2.0], [math.nan, 0.0], [3.0, 4.0]])}
@@ -282,9 +278,9 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(TypeError, match="outer_optimizer must be an avgfn.optim.Optimizer"):
         diloco(2, reduce=lambda t: t, outer_optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1))
     with pytest.raises(ValueError, match="nonfinite must be one of"):
-        diloco(2, reduce=lambda t: t, nonfinite="ignore")
+        diloco(2, reduce=lambda t: t, round=avgfn.Round(nonfinite="ignore"))
     with pytest.raises(ValueError, match="verify must be one of"):
-        diloco(2, reduce=lambda t: t, verify="everything")
+        diloco(2, reduce=lambda t: t, round=avgfn.Round(verify="everything"))
 
 
 def test_a_state_for_other_params_or_another_averager_is_refused():
@@ -295,7 +291,7 @@ def test_a_state_for_other_params_or_another_averager_is_refused():
     with pytest.raises(ValueError, match="global copy of 1 leaves but `where` selects 2"):
         avg.update({"w": torch.ones(2), "v": torch.ones(1)}, state, 0)
     with pytest.raises(TypeError, match="state must be a DiLoCoState made by diloco"):
-        avg.update({"w": torch.ones(2)}, avgfn.periodic(2, reduce=lambda t: t).init({}), 0)
+        avg.update({"w": torch.ones(2)}, avgfn.periodic(2, reduce=lambda t: t).init({"w": torch.zeros(1)}), 0)
     assert isinstance(state, DiLoCoState)
 
 

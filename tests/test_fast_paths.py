@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import avgfn
-from avgfn._wire import plan_buckets
+from avgfn._round.buffers import plan_buckets
 from avgfn.testing import RecordingReduce, peers_mean
 from _dist import run_world
 
@@ -41,7 +41,7 @@ def test_buckets_and_donation_equal_the_default_exactly(bucket_bytes, donate):
     params = _params()
     snapshot = {k: v.clone() for k, v in params.items()}
     reduce = RecordingReduce(peers_mean(PEER))
-    out = avgfn.average(params, reduce, donate=donate, bucket_bytes=bucket_bytes)
+    out = avgfn.average(params, reduce, round=avgfn.Round(donate=donate, bucket_bytes=bucket_bytes))
     for k in expected:
         assert torch.equal(out[k], expected[k]), k
         if k == "idx":
@@ -68,7 +68,7 @@ def test_donation_of_tiled_params_reduces_their_storage_directly():
         return t.mul_(0.5)
 
     expected = avgfn.average(_params(flat=True), lambda t: t * 0.5)
-    out = avgfn.average(params, reduce, donate=True, nonfinite="ignore")
+    out = avgfn.average(params, reduce, round=avgfn.Round(donate=True, nonfinite="ignore"))
     assert seen == [storage]  # no staging buffer: the params' own storage
     for k in expected:
         assert torch.equal(out[k], expected[k])
@@ -77,34 +77,32 @@ def test_donation_of_tiled_params_reduces_their_storage_directly():
 def test_default_round_outputs_tile_one_buffer_so_the_next_donation_is_free():
     out = avgfn.average(_params(), lambda t: t)
     seen = []
-    avgfn.average(out, lambda t: seen.append(t.untyped_storage().data_ptr()) or t, donate=True,
-                  nonfinite="ignore")
+    avgfn.average(out, lambda t: seen.append(t.untyped_storage().data_ptr()) or t, round=avgfn.Round(donate=True, nonfinite="ignore"))
     assert seen == [out["p0"].untyped_storage().data_ptr()]
 
 
 def test_donation_refuses_shared_memory():
     t = torch.ones(4)
     with pytest.raises(ValueError, match=r"leaves at \['a'\] and \['b'\] share memory"):
-        avgfn.average({"a": t, "b": t}, lambda x: x, donate=True)
+        avgfn.average({"a": t, "b": t}, lambda x: x, round=avgfn.Round(donate=True))
     base = torch.ones(6)
     with pytest.raises(ValueError, match="share memory"):
-        avgfn.average({"a": base[:4], "b": base[2:]}, lambda x: x, donate=True)
+        avgfn.average({"a": base[:4], "b": base[2:]}, lambda x: x, round=avgfn.Round(donate=True))
     # an unselected leaf that aliases a selected one would change too
     with pytest.raises(ValueError, match="share memory"):
-        avgfn.average({"a": base, "b": base.view(2, 3)}, lambda x: x, donate=True,
-                      )
+        avgfn.average({"a": base, "b": base.view(2, 3)}, lambda x: x, round=avgfn.Round(donate=True))
     with pytest.raises(ValueError, match="overlaps itself"):
-        avgfn.average({"a": torch.ones(1).expand(3)}, lambda x: x, donate=True)
+        avgfn.average({"a": torch.ones(1).expand(3)}, lambda x: x, round=avgfn.Round(donate=True))
     # disjoint views of one buffer are fine
-    avgfn.average({"a": base[:3], "b": base[3:]}, lambda x: x, donate=True)
+    avgfn.average({"a": base[:3], "b": base[3:]}, lambda x: x, round=avgfn.Round(donate=True))
 
 
 def test_donation_without_buckets_rehomes_scattered_params():
     params = _params()
-    out = avgfn.average(params, lambda t: t * 2, donate=True)
+    out = avgfn.average(params, lambda t: t * 2, round=avgfn.Round(donate=True))
     assert out["p0"] is not params["p0"]
     assert out["p0"].untyped_storage().data_ptr() == out["p5"].untyped_storage().data_ptr()
-    again = avgfn.average(out, lambda t: t * 2, donate=True)
+    again = avgfn.average(out, lambda t: t * 2, round=avgfn.Round(donate=True))
     assert all(again[k] is out[k] for k in out)  # tiled now: in place, no copy
 
 
@@ -112,7 +110,7 @@ def test_donation_handles_non_contiguous_and_grad_leaves():
     w = torch.randn(3, 4).t()  # non-contiguous
     p = torch.nn.Parameter(torch.randn(5))
     expected = avgfn.average({"w": w.clone(), "p": p.detach().clone()}, peers_mean(PEER))
-    out = avgfn.average({"w": w, "p": p}, peers_mean(PEER), donate=True, bucket_bytes=32)
+    out = avgfn.average({"w": w, "p": p}, peers_mean(PEER), round=avgfn.Round(donate=True, bucket_bytes=32))
     assert out["w"] is w and out["p"] is p
     assert torch.equal(w, expected["w"]) and torch.equal(p.detach(), expected["p"])
 
@@ -120,7 +118,7 @@ def test_donation_handles_non_contiguous_and_grad_leaves():
 def test_bf16_on_the_wire():
     params = _params()
     reduce = RecordingReduce(peers_mean(PEER))
-    out = avgfn.average(params, reduce, comm_dtype=torch.bfloat16)
+    out = avgfn.average(params, reduce, round=avgfn.Round(comm_dtype=torch.bfloat16))
     exact = avgfn.average(params, peers_mean(PEER))
     assert reduce.inputs[0].dtype == torch.bfloat16
     for k in exact:
@@ -129,7 +127,7 @@ def test_bf16_on_the_wire():
 
 
 def test_error_feedback_keeps_what_rounding_lost():
-    avg = avgfn.periodic(2, reduce=lambda t: t, comm_dtype=torch.bfloat16, error_feedback=True)
+    avg = avgfn.periodic(2, reduce=lambda t: t, round=avgfn.Round(comm_dtype=torch.bfloat16, error_feedback=True))
     params = {"w": torch.full((4,), 1.0 + 2.0**-12), "i": torch.arange(2)}
     state = avg.init(params)
     assert len(state.residual) == 1 and torch.equal(state.residual[0], torch.zeros(4))
@@ -145,7 +143,7 @@ def test_error_feedback_keeps_what_rounding_lost():
 
 
 def test_error_feedback_on_leaves_of_any_shape():
-    avg = avgfn.periodic(2, reduce=lambda t: t, comm_dtype=torch.bfloat16, error_feedback=True, bucket_bytes=16)
+    avg = avgfn.periodic(2, reduce=lambda t: t, round=avgfn.Round(comm_dtype=torch.bfloat16, error_feedback=True, bucket_bytes=16))
     params = {"w": torch.randn(4, 3) + 1, "s": torch.tensor(1.0 + 2.0**-12), "e": torch.ones(0, 2)}
     new, state = avg.update(params, avg.init(params), 0)
     assert [r.shape for r in state.residual] == [p.shape for p in params.values()]
@@ -155,24 +153,24 @@ def test_error_feedback_on_leaves_of_any_shape():
 
 def test_options_are_validated():
     with pytest.raises(TypeError, match="donate must be a bool"):
-        avgfn.average({}, lambda t: t, donate=1)
+        avgfn.average({}, lambda t: t, round=avgfn.Round(donate=1))
     with pytest.raises(ValueError, match="bucket_bytes must be >= 16, got 8"):
-        avgfn.periodic(2, reduce=lambda t: t, bucket_bytes=8)
+        avgfn.periodic(2, reduce=lambda t: t, round=avgfn.Round(bucket_bytes=8))
     with pytest.raises(TypeError, match="comm_dtype must be None or one of"):
-        avgfn.periodic(2, reduce=lambda t: t, comm_dtype=torch.int8)
+        avgfn.periodic(2, reduce=lambda t: t, round=avgfn.Round(comm_dtype=torch.int8))
     with pytest.raises(ValueError, match="error_feedback=True needs a comm_dtype"):
-        avgfn.hierarchical([(2, lambda t: t)], error_feedback=True)
+        avgfn.hierarchical([(2, lambda t: t)], round=avgfn.Round(error_feedback=True))
 
 
 def _gloo_fast_paths(rank, world_size):
     reduce = avgfn.collectives.all_reduce_mean()
     params = _params(seed=rank)
     out = {"default": avgfn.average(params, reduce)}
-    out["bucket"] = avgfn.average(params, reduce, bucket_bytes=64)
-    out["bucket_donate"] = avgfn.average(_params(seed=rank), reduce, bucket_bytes=64, donate=True)
-    out["donate_tiled"] = avgfn.average(_params(seed=rank, flat=True), reduce, donate=True)
-    out["bf16"] = avgfn.average(params, reduce, comm_dtype=torch.bfloat16)
-    out["fp16_bucket"] = avgfn.average(params, reduce, comm_dtype=torch.float16, bucket_bytes=48)
+    out["bucket"] = avgfn.average(params, reduce, round=avgfn.Round(bucket_bytes=64))
+    out["bucket_donate"] = avgfn.average(_params(seed=rank), reduce, round=avgfn.Round(bucket_bytes=64, donate=True))
+    out["donate_tiled"] = avgfn.average(_params(seed=rank, flat=True), reduce, round=avgfn.Round(donate=True))
+    out["bf16"] = avgfn.average(params, reduce, round=avgfn.Round(comm_dtype=torch.bfloat16))
+    out["fp16_bucket"] = avgfn.average(params, reduce, round=avgfn.Round(comm_dtype=torch.float16, bucket_bytes=48))
     return out
 
 

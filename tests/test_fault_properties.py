@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 
 import avgfn
 from avgfn import optim
-from avgfn._chain import chain
-from avgfn._diloco import diloco
-from avgfn._slowmo import slowmo
-from avgfn._streaming import streaming_diloco
-from avgfn._temporal import ema, swa
-from avgfn._weighted import fedavg, fedavgm, weighted
+from avgfn import chain
+from avgfn import diloco
+from avgfn import slowmo
+from avgfn import streaming_diloco
+from avgfn import ema, swa
+from avgfn import fedavg, fedavgm, weighted
 from avgfn.testing import RecordingReduce, raising_reduce
 from test_conformance import REGISTRY
 
@@ -44,15 +44,15 @@ Make = Callable[[Any, int, int], avgfn.Averager]
 
 FACTORIES: dict[str, Make] = {
     "periodic": lambda r, p, w: avgfn.periodic(p, reduce=r, warmup_steps=w),
-    "periodic_buckets": lambda r, p, w: avgfn.periodic(p, reduce=r, warmup_steps=w, bucket_bytes=32),
+    "periodic_buckets": lambda r, p, w: avgfn.periodic(p, reduce=r, warmup_steps=w, round=avgfn.Round(bucket_bytes=32)),
     "periodic_bf16_feedback": lambda r, p, w: avgfn.periodic(
-        p, reduce=r, comm_dtype=torch.bfloat16, error_feedback=True
+        p, reduce=r, round=avgfn.Round(comm_dtype=torch.bfloat16, error_feedback=True), 
     ),
-    "periodic_exclude": lambda r, p, w: avgfn.periodic(p, reduce=r, nonfinite="exclude"),
-    "periodic_ignore": lambda r, p, w: avgfn.periodic(p, reduce=r, nonfinite="ignore"),
+    "periodic_exclude": lambda r, p, w: avgfn.periodic(p, reduce=r, round=avgfn.Round(nonfinite="exclude")),
+    "periodic_ignore": lambda r, p, w: avgfn.periodic(p, reduce=r, round=avgfn.Round(nonfinite="ignore")),
     "hierarchical": lambda r, p, w: avgfn.hierarchical([(p, r), (2 * p, r)], warmup_steps=w),
     "hierarchical_exclude_buckets": lambda r, p, w: avgfn.hierarchical(
-        [(p, r), (3 * p, r)], nonfinite="exclude", bucket_bytes=48
+        [(p, r), (3 * p, r)], round=avgfn.Round(nonfinite="exclude", bucket_bytes=48), 
     ),
     "post_local_sgd": lambda r, p, w: avgfn.post_local_sgd(
         w, global_reduce=r, local_reduce=None, period=p
@@ -60,8 +60,8 @@ FACTORIES: dict[str, Make] = {
     "diloco": lambda r, p, w: diloco(p, reduce=r),
     "diloco_adamw": lambda r, p, w: diloco(p, reduce=r, outer_optimizer=optim.adamw(0.05)),
     "diloco_sgd1": lambda r, p, w: diloco(p, reduce=r, outer_optimizer=optim.sgd(1.0)),
-    "diloco_exclude_buckets": lambda r, p, w: diloco(p, reduce=r, nonfinite="exclude", bucket_bytes=32),
-    "diloco_skip": lambda r, p, w: diloco(p, reduce=r, nonfinite="skip"),
+    "diloco_exclude_buckets": lambda r, p, w: diloco(p, reduce=r, round=avgfn.Round(nonfinite="exclude", bucket_bytes=32)),
+    "diloco_skip": lambda r, p, w: diloco(p, reduce=r, round=avgfn.Round(nonfinite="skip")),
     "streaming": lambda r, p, w: streaming_diloco(2 * p, reduce=r, num_fragments=2, delay=1, alpha=0.5),
     "streaming_sgd1": lambda r, p, w: streaming_diloco(
         2 * p, reduce=r, num_fragments=2, outer_optimizer=optim.sgd(1.0)
@@ -69,7 +69,7 @@ FACTORIES: dict[str, Make] = {
     "slowmo": lambda r, p, w: slowmo(2 * p, reduce=r, lr=0.1, momentum=0.5, base_period=p),
     "weighted": lambda r, p, w: weighted(p, reduce=r, weight=2.0, warmup_steps=w),
     "weighted_ignore_skip": lambda r, p, w: weighted(
-        p, reduce=r, weight=2.0, nonfinite="ignore", invalid="skip"
+        p, reduce=r, weight=2.0, round=avgfn.Round(nonfinite="ignore"), invalid_weights="skip"
     ),
     "fedavg": lambda r, p, w: fedavg(p, reduce=r, weight=lambda params, step: 3),
     "fedavgm": lambda r, p, w: fedavgm(p, reduce=r, weight=1.5, server_lr=0.8, server_momentum=0.5),
@@ -139,7 +139,8 @@ trees = st.recursive(
         shared_views(),
     ),
     max_leaves=8,
-)
+).filter(lambda tree: any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(tree)))
+"""Params trees of any shape with at least one tensor (a tree without one is refused)."""
 
 
 def _snapshot(tree: Any) -> list[tuple[int, Any]]:

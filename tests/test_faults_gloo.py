@@ -83,27 +83,23 @@ def _attempt(fn, *inputs, **options) -> dict[str, Any]:
     return out
 
 
-class FaultyReduce:
-    """A rank's Reduce that misbehaves at the ``at``-th call once armed: dies or sleeps."""
+class FaultyReduce(avgfn.ForwardingReduce):
+    """A rank's Reduce that misbehaves at the ``at``-th data buffer once armed: dies or sleeps."""
 
     def __init__(self, inner: avgfn.collectives.GroupMean, fault: str, at: int = 2) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.fault = fault
         self.at = at
         self.armed = False
         self.calls = 0
 
-    def check_replicas(self, digest: bytes, entries: list) -> None:
-        self.inner.check_replicas(digest, entries)
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+    def observe(self, tensor: torch.Tensor, divided: bool) -> None:
         if self.armed:
             self.calls += 1
             if self.calls == self.at:
                 if self.fault == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(300)  # "stall": the harness kills this rank
-        return self.inner(tensor)
 
 
 def _params(rank: int) -> dict[str, Any]:
@@ -131,8 +127,8 @@ def _bad_input_then_stall(
         params["b"] = torch.tensor([0.5, NAN], dtype=torch.float64)
     averagers = {
         "periodic": avgfn.periodic(2, reduce=mean),
-        "buckets": avgfn.periodic(2, reduce=mean, bucket_bytes=32),
-        "donate": avgfn.periodic(2, reduce=mean, donate=True),
+        "buckets": avgfn.periodic(2, reduce=mean, round=avgfn.Round(bucket_bytes=32)),
+        "donate": avgfn.periodic(2, reduce=mean, round=avgfn.Round(donate=True)),
         "hierarchical": avgfn.hierarchical([(2, mean), (4, mean)]),
     }
     for name, avg in averagers.items():
@@ -142,14 +138,14 @@ def _bad_input_then_stall(
 
     # ...under "exclude", ranks 0 and 2 average among themselves, and rank 1 gets that mean.
     for name, kwargs in {"periodic": {}, "buckets": {"bucket_bytes": 32}}.items():
-        avg = avgfn.periodic(2, reduce=mean, nonfinite="exclude", **kwargs)
+        avg = avgfn.periodic(2, reduce=mean, round=avgfn.Round(nonfinite="exclude", **kwargs))
         bad = _params(rank)
         if rank == 1:
             bad["w"] = bad["w"].clone()
             bad["w"][0, 1] = -math.inf
         out[f"exclude/{name}"] = _attempt(avg.update, bad, avg.init(bad), 2)
     everywhere = {"w": torch.full((3,), NAN)}
-    out["exclude/all-bad"] = _attempt(avgfn.average, everywhere, mean, nonfinite="exclude")
+    out["exclude/all-bad"] = _attempt(avgfn.average, everywhere, mean, round=avgfn.Round(nonfinite="exclude"))
 
     # Replicas that differ in structure: init raises on every rank (and the group lives on).
     mismatches = {
@@ -162,11 +158,11 @@ def _bad_input_then_stall(
         out[f"mismatch/{name}"] = _attempt(avgfn.periodic(2, reduce=mean).init, p)
     p = mismatches["shape"](_params(0))
     out["mismatch/hierarchical"] = _attempt(avgfn.hierarchical([(2, mean), (4, mean)]).init, p)
-    out["mismatch/unchecked"] = _attempt(avgfn.periodic(2, reduce=mean, verify=None).init, p)
+    out["mismatch/unchecked"] = _attempt(avgfn.periodic(2, reduce=mean, round=avgfn.Round(verify=None)).init, p)
     # verify="values": identical starting values pass; different ones do not.
-    out["values/same"] = _attempt(avgfn.periodic(2, reduce=mean, verify="values").init, _params(0))
+    out["values/same"] = _attempt(avgfn.periodic(2, reduce=mean, round=avgfn.Round(verify="values")).init, _params(0))
     out["values/different"] = _attempt(
-        avgfn.periodic(2, reduce=mean, verify="values").init, _params(rank)
+        avgfn.periodic(2, reduce=mean, round=avgfn.Round(verify="values")).init, _params(rank)
     )
     # The group still works after all that.
     out["after"] = avgfn.average({"x": torch.tensor([float(rank)])}, mean)["x"].item()
@@ -177,7 +173,7 @@ def _bad_input_then_stall(
     # Rank 2 stalls between two buckets of a round; ranks 0 and 1 must not wait past the timeout.
     fast = avgfn.collectives.all_reduce_mean(timeout=own_timeout)
     reduce = FaultyReduce(fast, "stall") if rank == 2 else fast
-    avg = avgfn.periodic(3, reduce=reduce, bucket_bytes=32)
+    avg = avgfn.periodic(3, reduce=reduce, round=avgfn.Round(bucket_bytes=32))
     params = _params(rank)
     state = avg.init(params)
     if rank == 2:
@@ -255,7 +251,7 @@ def test_mismatched_replicas_fail_at_init_on_every_rank(bad_input_world):
             assert r["error"] == "ReplicaMismatchError", (name, r)
             assert "the replicas of the default group of 3 ranks hold params that differ" in r["message"]
             assert text in r["message"], (name, r["message"])
-            assert "pass verify=None to skip this check" in r["message"]
+            assert "Round(verify=None) skips this check at init" in r["message"]
             assert r["unchanged"]
     for rank in (0, 1, 2):
         assert bad_input_world[rank]["mismatch/unchecked"]["error"] is None
@@ -333,7 +329,7 @@ class _Stop(Exception):
 def _killed_run(rank: int, world: int, folder: str) -> dict:
     mean = avgfn.collectives.all_reduce_mean(timeout=TIMEOUT)
     reduce = FaultyReduce(mean, "kill") if rank == 2 else mean
-    avg = avgfn.periodic(PERIOD, reduce=reduce, bucket_bytes=64)
+    avg = avgfn.periodic(PERIOD, reduce=reduce, round=avgfn.Round(bucket_bytes=64))
     params = _start()
     state = avg.init(params)  # the structure check: a collective
     out: dict[str, Any] = {}
@@ -357,7 +353,7 @@ def _killed_run(rank: int, world: int, folder: str) -> dict:
 
 def _restart_and_reference(rank: int, world: int, folder: str) -> dict:
     mean = avgfn.collectives.all_reduce_mean(timeout=TIMEOUT)
-    avg = avgfn.periodic(PERIOD, reduce=mean, bucket_bytes=64)
+    avg = avgfn.periodic(PERIOD, reduce=mean, round=avgfn.Round(bucket_bytes=64))
     out: dict[str, Any] = {}
 
     def on_round(step, params, state):

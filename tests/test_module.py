@@ -15,8 +15,8 @@ from torch import nn
 
 import avgfn
 from avgfn import testing
-from avgfn._averaging_optimizer import AveragingOptimizer
-from avgfn._module import ModuleAverager
+from avgfn import AveragingOptimizer
+from avgfn import ModuleAverager
 
 # torch.distributed.optim (imported for the comparison with torch's wrapper) uses torch.jit.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

@@ -48,7 +48,7 @@ def test_raise_when_a_peer_is_not_finite():
 
 
 def test_ignore_lets_torch_behaviour_through():
-    out = avgfn.average(_params("b"), lambda t: t, nonfinite="ignore")
+    out = avgfn.average(_params("b"), lambda t: t, round=avgfn.Round(nonfinite="ignore"))
     assert math.isnan(out["b"]["c"][1].item())
 
 
@@ -63,14 +63,16 @@ def test_donation_exchanges_health_first_and_writes_nothing():
     before = params["a"].clone()
     reduce = RecordingReduce()
     with pytest.raises(avgfn.NonFiniteError, match="this replica holds non-finite values at"):
-        avgfn.average(params, reduce, donate=True)
+        avgfn.average(params, reduce, round=avgfn.Round(donate=True))
     assert reduce.calls == 1 and reduce.inputs[0].tolist() == [1.0, 0.0]  # only the flag moved
     assert torch.equal(params["a"], before)
 
 
 def test_policy_is_validated():
-    with pytest.raises(ValueError, match=re.escape("nonfinite must be one of ('raise', 'exclude', 'ignore'), got 'skip'")):
-        avgfn.periodic(2, reduce=lambda t: t, nonfinite="skip")
+    with pytest.raises(ValueError, match=re.escape("nonfinite must be one of ('raise', 'skip', 'exclude', 'ignore'), got 'drop'")):
+        avgfn.periodic(2, reduce=lambda t: t, round=avgfn.Round(nonfinite="drop"))
+    with pytest.raises(ValueError, match=re.escape("nonfinite must be one of ('raise', 'skip', 'exclude') for this averager")):
+        avgfn.diloco(2, reduce=lambda t: t, round=avgfn.Round(nonfinite="ignore"))
 
 
 def _stacked(bad_replica=None):
@@ -85,7 +87,7 @@ def _stacked(bad_replica=None):
 @pytest.mark.parametrize("group_size", [None, 2])
 def test_exclude_under_vmap_matches_a_hand_computation(group_size):
     params = _stacked(bad_replica=2)
-    avg = avgfn.periodic(2, reduce=simulate.replica_mean(group_size), nonfinite="exclude")
+    avg = avgfn.periodic(2, reduce=simulate.replica_mean(group_size), round=avgfn.Round(nonfinite="exclude"))
     state = torch.func.vmap(avg.init)(params)
     new, _ = torch.func.vmap(avg.update, in_dims=(0, 0, None))(params, state, 0)
     size = group_size or 4
@@ -99,8 +101,8 @@ def test_exclude_under_vmap_matches_a_hand_computation(group_size):
 
 def test_exclude_equals_plain_mean_when_all_healthy():
     params = _stacked()
-    plain = avgfn.periodic(2, reduce=simulate.replica_mean(), nonfinite="ignore")
-    excl = avgfn.periodic(2, reduce=simulate.replica_mean(), nonfinite="exclude")
+    plain = avgfn.periodic(2, reduce=simulate.replica_mean(), round=avgfn.Round(nonfinite="ignore"))
+    excl = avgfn.periodic(2, reduce=simulate.replica_mean(), round=avgfn.Round(nonfinite="exclude"))
     run = lambda a: torch.func.vmap(a.update, in_dims=(0, 0, None))(params, torch.func.vmap(a.init)(params), 0)[0]  # noqa: E731
     for k, v in run(plain).items():
         assert torch.equal(v, run(excl)[k])
@@ -119,4 +121,4 @@ def test_raise_under_vmap_keeps_each_replica_where_the_mean_is_not_finite():
 
 def test_exclude_with_no_healthy_replica_raises_eagerly():
     with pytest.raises(avgfn.NonFiniteError, match="nonfinite='exclude'"):
-        avgfn.average(_params("b"), lambda t: t, nonfinite="exclude")
+        avgfn.average(_params("b"), lambda t: t, round=avgfn.Round(nonfinite="exclude"))

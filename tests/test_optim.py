@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 import avgfn
 import avgfn.optim as optim
@@ -92,16 +93,16 @@ def test_pure_and_structure_stable(name):
     opt = OPTIMIZERS[name]()
     params = {"layer": [torch.randn(3, 2), torch.randn(2)], "head": (torch.randn(4),)}
     state = opt.init(params)
-    spec = avgfn._tree.tree_flatten(state)[1]
+    spec = pytree.tree_flatten(state)[1]
     for step in range(3):
-        grads = avgfn._tree.tree_map(torch.randn_like, params)
-        before = [t.clone() for t in avgfn._tree.tree_leaves((grads, state, params))]
+        grads = pytree.tree_map(torch.randn_like, params)
+        before = [t.clone() for t in pytree.tree_leaves((grads, state, params))]
         new_params, new_state = opt.update(grads, state, params)
-        after = avgfn._tree.tree_leaves((grads, state, params))
+        after = pytree.tree_leaves((grads, state, params))
         assert all(torch.equal(a, b) for a, b in zip(before, after)), "an input was modified"
-        assert avgfn._tree.tree_flatten(new_state)[1] == spec
-        assert avgfn._tree.tree_flatten(new_params)[1] == avgfn._tree.tree_flatten(params)[1]
-        for old, new in zip(avgfn._tree.tree_leaves(params), avgfn._tree.tree_leaves(new_params)):
+        assert pytree.tree_flatten(new_state)[1] == spec
+        assert pytree.tree_flatten(new_params)[1] == pytree.tree_flatten(params)[1]
+        for old, new in zip(pytree.tree_leaves(params), pytree.tree_leaves(new_params)):
             assert new is not old and new.dtype == old.dtype and new.shape == old.shape
         params, state = new_params, new_state
     assert int(state.step) == 3
@@ -189,8 +190,8 @@ def test_state_from_another_param_tree_is_refused(name):
     opt = OPTIMIZERS[name]()
     params = {"w": torch.randn(3), "b": torch.randn(2)}
     state = opt.init(params)
-    grads = avgfn._tree.tree_map(torch.ones_like, params)
-    snapshot = [t.clone() for t in avgfn._tree.tree_leaves((state, params))]
+    grads = pytree.tree_map(torch.ones_like, params)
+    snapshot = [t.clone() for t in pytree.tree_leaves((state, params))]
     other_keys = opt.init({"w": torch.randn(3), "c": torch.randn(2)})
     other_shapes = opt.init({"w": torch.randn(4), "b": torch.randn(2)})
     if name == "sgd":  # no per-param state: only the grads can disagree
@@ -201,7 +202,7 @@ def test_state_from_another_param_tree_is_refused(name):
         opt.update(grads, other_keys, params)
     with pytest.raises(ValueError, match=r"has shape \(4,\), the param has \(3,\)"):
         opt.update(grads, other_shapes, params)
-    after = avgfn._tree.tree_leaves((state, params))
+    after = pytree.tree_leaves((state, params))
     assert all(torch.equal(a, b) for a, b in zip(snapshot, after))
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 import avgfn
 import avgfn.optim as optim
 from avgfn import testing
-from avgfn._compose import AveragingState, with_averaging
-from avgfn._post_local import GradientScheduleState, post_local_gradients, post_local_sgd
+from avgfn import AveragingState, with_averaging
+from avgfn import GradientScheduleState, post_local_gradients, post_local_sgd
 from avgfn.collectives import ddp_comm_hook
 
 
@@ -26,11 +27,11 @@ def _grads(step):
 
 
 def _snapshot(*trees):
-    return [t.clone() for t in avgfn._tree.tree_leaves(trees)]
+    return [t.clone() for t in pytree.tree_leaves(trees)]
 
 
 def _unchanged(snapshot, *trees):
-    leaves = avgfn._tree.tree_leaves(trees)
+    leaves = pytree.tree_leaves(trees)
     return len(leaves) == len(snapshot) and all(torch.equal(a, b) for a, b in zip(snapshot, leaves))
 
 
@@ -238,7 +239,7 @@ def test_skip_as_a_tensor_or_a_check_on_the_averaged_gradients():
     state = train.init(params)
 
     def nonfinite(grads):
-        return ~torch.stack([torch.isfinite(g).all() for g in avgfn._tree.tree_leaves(grads)]).all()
+        return ~torch.stack([torch.isfinite(g).all() for g in pytree.tree_leaves(grads)]).all()
 
     # Our own gradients are finite; the peer's inf reaches us through the
     # gradient average, so the check must see the averaged gradients.

@@ -78,8 +78,8 @@ class ModulePath:
 
     def __init__(self, algo, make_optimizer, checkpoint=None):
         import avgfn
-        from avgfn._averaging_optimizer import AveragingOptimizer
-        from avgfn._module import ModuleAverager
+        from avgfn import AveragingOptimizer
+        from avgfn import ModuleAverager
 
         self.model = make_model()
         # DDP broadcasts rank 0's weights when it is built: per-rank weights
@@ -116,7 +116,7 @@ class FunctionalPath:
 
     def __init__(self, algo, checkpoint=None):
         import avgfn
-        from avgfn._compose import with_averaging
+        from avgfn import with_averaging
         from avgfn.optim import sgd
 
         self.template = make_model()
@@ -162,14 +162,14 @@ class FunctionalPath:
 
 
 def periodic_algo(world_mean, pair_mean):
-    from avgfn._post_local import post_local_sgd
+    from avgfn import post_local_sgd
 
     return post_local_sgd(START, global_reduce=world_mean, local_reduce=pair_mean, period=PERIOD)
 
 
 def hierarchical_algo(world_mean):
     import avgfn
-    from avgfn._post_local import post_local_sgd
+    from avgfn import post_local_sgd
 
     levels = avgfn.collectives.hierarchy(LEVELS)
     return post_local_sgd(START, global_reduce=world_mean, local_reduce=None, levels=levels)

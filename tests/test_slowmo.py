@@ -11,9 +11,9 @@ from torch.func import grad, vmap
 
 import avgfn
 from avgfn import optim, simulate
-from avgfn._diloco import diloco
-from avgfn._errors import NonFiniteError
-from avgfn._slowmo import SlowMoState, slowmo
+from avgfn import diloco
+from avgfn import NonFiniteError
+from avgfn import SlowMoState, slowmo
 from avgfn.testing import RecordingReduce, peers_mean
 
 W = 3
@@ -130,7 +130,7 @@ def test_nonfinite_policies():
     state = avg.init(params)
     with pytest.raises(NonFiniteError, match="at step 1: slowmo"):
         avg.update(bad, state, 1)
-    skip = slowmo(2, reduce=lambda t: t, lr=0.5, nonfinite="skip")
+    skip = slowmo(2, reduce=lambda t: t, lr=0.5, round=avgfn.Round(nonfinite="skip"))
     state = skip.init(params)
     new, state2 = skip.update(bad, state, 1)
     assert torch.equal(new["w"], params["w"]) and torch.equal(state2.momentum[0], torch.zeros(2))

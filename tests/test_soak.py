@@ -27,7 +27,7 @@ PERIODIC = avgfn.periodic(7, reduce=simulate.replica_mean(W), warmup_steps=5)
 # Pairs every 3 steps, the whole world every 8, after 2 steps of warm-up; with
 # the "exclude" policy, whose health flags add one small round per averaging.
 HIERARCHICAL = avgfn.hierarchical(
-    simulate.hierarchy([(3, 2), (8, W)], W), warmup_steps=2, nonfinite="exclude"
+    simulate.hierarchy([(3, 2), (8, W)], W), warmup_steps=2, round=avgfn.Round(nonfinite="exclude"), 
 )
 
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
+import avgfn
 from avgfn import optim, simulate
-from avgfn._diloco import diloco
-from avgfn._errors import NonFiniteError
-from avgfn._streaming import split_fragments, streaming_diloco
+from avgfn import diloco
+from avgfn import NonFiniteError
+from avgfn import streaming_diloco
+from avgfn._algorithms.streaming import split_fragments
 from avgfn.testing import RecordingReduce
 
 W = 3
@@ -151,7 +153,7 @@ def test_explicit_fragments():
 
 def test_wire_dtype_with_float32_accumulation():
     reduce = RecordingReduce()
-    avg = streaming_diloco(4, reduce=reduce, num_fragments=2, delay=1, comm_dtype=torch.bfloat16)
+    avg = streaming_diloco(4, reduce=reduce, num_fragments=2, delay=1, round=avgfn.Round(comm_dtype=torch.bfloat16))
     params = {k: v.to(torch.bfloat16) for k, v in start().items()}
     state = avg.init(params)
     assert {g.dtype for g in state.global_params} == {torch.float32}
@@ -170,7 +172,7 @@ def test_wire_dtype_with_float32_accumulation():
 
 
 def test_nonfinite_in_one_fragment_leaves_the_other_alone():
-    avg = streaming_diloco(2, reduce=lambda t: t, num_fragments=2, nonfinite="skip", outer_optimizer=optim.sgd(1.0))
+    avg = streaming_diloco(2, reduce=lambda t: t, num_fragments=2, round=avgfn.Round(nonfinite="skip"), outer_optimizer=optim.sgd(1.0))
     params = start()
     state = avg.init(params)
     bad = {**params, "a": torch.full((3,), math.nan)}

@@ -10,8 +10,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_a
 
 import avgfn
 from avgfn import simulate
-from avgfn._chain import ChainState, chain
-from avgfn._temporal import EMAState, SWAState, ema, swa
+from avgfn import ChainState, chain
+from avgfn import EMAState, SWAState, ema, swa
 
 
 def _model():

@@ -13,8 +13,8 @@ from torch.func import grad, vmap
 
 import avgfn
 from avgfn import simulate
-from avgfn._errors import NonFiniteError
-from avgfn._weighted import WeightedState, fedavg, fedavgm, weighted
+from avgfn import NonFiniteError
+from avgfn import WeightedState, fedavg, fedavgm, weighted
 from avgfn.testing import RecordingReduce
 
 W = 4
@@ -146,14 +146,14 @@ def test_bad_constant_weights_are_refused_at_construction():
         weighted(2, reduce=lambda t: t, weight=torch.ones(2))
     with pytest.raises(TypeError, match="weight must be a number, a one-element tensor, or a callable"):
         weighted(2, reduce=lambda t: t, weight="3")
-    with pytest.raises(ValueError, match="invalid must be one of"):
-        weighted(2, reduce=lambda t: t, weight=1.0, invalid="ignore")
-    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'ignore'"):
-        weighted(2, reduce=lambda t: t, weight=1.0, nonfinite="exclude")
+    with pytest.raises(ValueError, match="invalid_weights must be one of"):
+        weighted(2, reduce=lambda t: t, weight=1.0, invalid_weights="ignore")
+    with pytest.raises(ValueError, match=r"nonfinite must be one of \('raise', 'skip', 'ignore'\) for this averager"):
+        weighted(2, reduce=lambda t: t, weight=1.0, round=avgfn.Round(nonfinite="exclude"))
     with pytest.raises(ValueError, match="period must be >= 1"):
         weighted(0, reduce=lambda t: t, weight=1.0)
-    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'skip' for fedavgm"):
-        fedavgm(2, reduce=lambda t: t, weight=1.0, nonfinite="exclude")
+    with pytest.raises(ValueError, match=r"nonfinite must be one of \('raise', 'skip', 'exclude'\) for this averager"):
+        fedavgm(2, reduce=lambda t: t, weight=1.0, round=avgfn.Round(nonfinite="exclude"))
     with pytest.raises(ValueError, match="server_momentum must be >= 0"):
         fedavgm(2, reduce=lambda t: t, weight=1.0, server_momentum=-0.1)
 
@@ -177,7 +177,7 @@ def test_invalid_weights_raise_on_every_replica_and_change_nothing(value):
 
 def test_a_peer_with_a_negative_weight_makes_everyone_skip():
     weights = torch.tensor([1, -1, 2, 1])
-    avg = weighted(1, reduce=simulate.replica_mean(), weight=lambda p, s: p["n"], invalid="skip")
+    avg = weighted(1, reduce=simulate.replica_mean(), weight=lambda p, s: p["n"], invalid_weights="skip")
     stacked = {"w": torch.arange(8.0).view(4, 2), "n": weights}
     state = vmap(avg.init)(stacked)
     new, state = vmap(avg.update, in_dims=(0, 0, None))(stacked, state, 0)

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+import avgfn
+
 __all__ = ["CountingReduce", "Ledger"]
 
 
@@ -63,13 +65,13 @@ class Ledger:
         return f"Ledger(calls={self.total_calls}, bytes={self.total_bytes}, peak={self.peak})"
 
 
-class CountingReduce:
-    """A Reduce that records each call in a :class:`Ledger`, then calls ``inner``.
+class CountingReduce(avgfn.ForwardingReduce):
+    """A Reduce that records each buffer in a :class:`Ledger`, then hands it to ``inner``.
 
-    It counts what it is handed (before ``inner`` may write into it), and
-    passes the init-time replica check (``check_replicas``, which
-    :func:`avgfn.collectives.all_reduce_mean` has) through uncounted: that is
-    a one-off handshake, not training traffic.
+    A :class:`avgfn.ForwardingReduce`: every capability of ``inner`` (fused
+    division, asynchronous starts, the replica agreement) still works through
+    it, and every data buffer is counted before ``inner`` may write into it.
+    The agreement's small check is not counted: it is not training traffic.
 
     Args:
       inner: the Reduce that does the work.
@@ -88,25 +90,14 @@ class CountingReduce:
       ({'all': 1}, {'all': 48})
     """
 
-    __slots__ = ("inner", "ledger", "label")
-
     def __init__(self, inner: Callable[[torch.Tensor], torch.Tensor], ledger: Ledger, label: str) -> None:
-        if not callable(inner):
-            raise TypeError(f"CountingReduce: inner must be a callable Reduce, got {inner!r}")
-        self.inner = inner
+        super().__init__(inner)
         self.ledger = ledger
         self.label = label
 
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+    def observe(self, tensor: torch.Tensor, divided: bool) -> None:
+        del divided
         self.ledger.record(self.label, tensor.numel() * tensor.element_size())
-        return self.inner(tensor)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only the replica check is passed through: anything else (an async
-        # ``start``) would bypass the count.
-        if name == "check_replicas":
-            return getattr(self.inner, name)
-        raise AttributeError(name)
 
     def __repr__(self) -> str:
         return f"CountingReduce({self.inner!r}, label={self.label!r})"

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import attrs
 import torch
 
-from avgfn import _tree
-from avgfn._base import Params
+from avgfn._core import tree as _tree
+from avgfn._core.types import Params
 
 OptState = Any
 """An optimizer's state: an immutable record registered as a pytree."""

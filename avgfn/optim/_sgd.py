@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
-from avgfn import _tree
-from avgfn._base import Params
-from avgfn._records import record
+from avgfn._core import tree as _tree
+from avgfn._core.types import Params
+from avgfn._core.records import record
 from avgfn.optim._base import (
     Optimizer,
     check_float,
@@ -16,6 +16,7 @@ from avgfn.optim._base import (
     flatten_like,
     flatten_params,
 )
+from avgfn.optim._schedules import Schedule, check_lr, lr_at
 
 
 @record
@@ -39,7 +40,7 @@ def _step_counter(leaves: list[torch.Tensor]) -> torch.Tensor:
 
 
 def sgd(
-    lr: float,
+    lr: Union[float, Schedule],
     *,
     momentum: float = 0.0,
     dampening: float = 0.0,
@@ -55,11 +56,17 @@ def sgd(
     compute ``buf * momentum + (1 - dampening) * grad``, and the param moves by
     ``-lr`` times the buffer (Nesterov: times ``grad + momentum * buf``).
 
+    ``lr`` may be a :class:`Schedule`: it is called with the state's ``step``
+    (the steps taken before this one), as ``torch.optim.lr_scheduler`` sets a
+    learning rate after each step, and the param moves with
+    ``torch.addcmul(param, d, -lr)``: a tensor ``lr``, and on CPU the same
+    fused multiply-add, to the bit, as torch's ``param.add_(d, alpha=-lr)``.
+
     Every operation is out of place, so ``update`` works under
     ``torch.func.vmap`` and ``torch.func.grad``.
 
     Args:
-      lr: the learning rate, ``>= 0``.
+      lr: the learning rate, ``>= 0``, or a :class:`Schedule` of the step count.
       momentum: the momentum factor, ``>= 0``.
       dampening: dampening of the momentum, ``>= 0``.
       weight_decay: L2 penalty added to the gradient, ``>= 0``.
@@ -84,7 +91,8 @@ def sgd(
       >>> params["w"], int(state.step)
       (tensor([0.4390]), 3)
     """
-    lr = check_float("lr", lr)
+    lr = check_lr(lr)
+    scheduled = callable(lr)
     momentum = check_float("momentum", momentum)
     dampening = check_float("dampening", dampening)
     weight_decay = check_float("weight_decay", weight_decay)
@@ -124,6 +132,10 @@ def sgd(
                 "sgd.update: the state has momentum buffers (made by an sgd with momentum > 0?) "
                 "but this sgd has momentum=0"
             )
+        if scheduled:
+            neg_lr = torch.neg(lr_at(lr, state.step))
+            # Rounded to each param's dtype, as torch's kernel rounds its alpha.
+            neg_lrs: dict[torch.dtype, torch.Tensor] = {}
         new_params = []
         new_buffers = []
         for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
@@ -138,7 +150,12 @@ def sgd(
                 buf = torch.where(first, g, later)
                 new_buffers.append(buf)
                 g = torch.add(g, buf, alpha=momentum) if nesterov else buf
-            new_params.append(torch.add(p, g, alpha=-lr))
+            if scheduled:
+                if p.dtype not in neg_lrs:
+                    neg_lrs[p.dtype] = neg_lr.to(p.dtype)
+                new_params.append(torch.addcmul(p, g, neg_lrs[p.dtype]))
+            else:
+                new_params.append(torch.add(p, g, alpha=-lr))
         buffers = _tree.tree_unflatten(new_buffers, spec) if momentum != 0 else None
         return _tree.tree_unflatten(new_params, spec), SGDState(state.step + 1, buffers)
 

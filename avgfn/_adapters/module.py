@@ -1,0 +1,181 @@
+"""Driving a pure averager against a live ``nn.Module``: avgfn's one impure edge.
+
+Everything else in avgfn returns new tensors. :class:`ModuleAverager` is where
+those new values are written back into a module's own parameters (and,
+if asked, buffers), in place, so that the optimizer, DDP and any other
+holder of a reference to those tensors sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from avgfn._core import tree as _tree
+from avgfn._core.types import Averager
+from avgfn._core.checks import check_step
+from avgfn._checkpoint import load_state_dict, state_dict
+
+BufferPolicy = Literal["local", "average", "ignore"]
+_POLICIES = ("local", "average", "ignore")
+
+
+class LiveAverager:
+    """Drives an :class:`avgfn.Averager` over live tensors, writing results in place.
+
+    The base of :class:`ModuleAverager`; :class:`avgfn.AveragingOptimizer` also
+    uses it directly over an optimizer's ``param_groups``.
+
+    Args:
+      tensors: called at each step, returns the pytree of live tensors to
+        average (the same structure every time).
+      averager: the pure averager.
+      name: what to call the target in error messages.
+
+    Attributes:
+      averager: the pure averager.
+      state: the averager's current state (replaced, never mutated, at each step).
+    """
+
+    def __init__(self, tensors: Callable[[], Any], averager: Averager, *, name: str = "params") -> None:
+        if not isinstance(averager, Averager):
+            raise TypeError(f"averager must be an avgfn.Averager, got {type(averager).__name__}")
+        self._tensors = tensors
+        self._name = name
+        self.averager = averager
+        self.state = averager.init(tensors())
+
+    def step(self, step: int) -> bool:
+        """Average the live tensors if averaging is due at ``step``; write them in place.
+
+        The averaging itself is the pure ``averager.update``; only if it
+        succeeds are the averaged values copied into the live tensors (under
+        ``torch.no_grad``, with ``Tensor.copy_``, so every reference to them,
+        the optimizer's included, sees the new values and keeps its storage).
+        If the Reduce raises, nothing is written and the state is unchanged.
+
+        Args:
+          step: the 0-based training iteration.
+
+        Returns:
+          Whether anything was averaged at this step.
+        """
+        step = check_step(step)
+        tree = self._tensors()
+        with torch.no_grad():
+            new_tree, new_state = self.averager.update(tree, self.state, step)
+            changed = False
+            if new_tree is not tree:
+                for old, new in zip(_tree.tree_leaves(tree), _tree.tree_leaves(new_tree)):
+                    if new is not old:
+                        old.copy_(new)
+                        changed = True
+        self.state = new_state
+        return changed
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averager's state as a flat dict (see :func:`avgfn.state_dict`), tagged with its type."""
+        return {"state_type": type(self.state).__qualname__, "state": state_dict(self.state)}
+
+    def loaded_state(self, checkpoint: Mapping[str, Any]) -> Any:
+        """Validate ``checkpoint`` and return the state it holds, changing nothing."""
+        if not isinstance(checkpoint, Mapping) or set(checkpoint) != {"state_type", "state"}:
+            raise ValueError(
+                "load_state_dict: expected the dict that state_dict() returns, with keys "
+                f"['state', 'state_type'], got {_keys(checkpoint)}"
+            )
+        expected = type(self.state).__qualname__
+        if checkpoint["state_type"] != expected:
+            raise ValueError(
+                f"load_state_dict: the checkpoint holds a {checkpoint['state_type']} (another "
+                f"averaging algorithm), this averager's state is a {expected}"
+            )
+        return load_state_dict(self.state, checkpoint["state"])
+
+    def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`; strict, and all or nothing."""
+        self.state = self.loaded_state(checkpoint)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._name}, state={type(self.state).__name__})"
+
+
+def _keys(obj: Any) -> Any:
+    return sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+
+
+class ModuleAverager(LiveAverager):
+    """Drive an :class:`avgfn.Averager` against a live ``nn.Module``, in place.
+
+    This is avgfn's one impure edge: :meth:`step` runs the pure
+    ``averager.update`` on the module's own parameter tensors
+    (``dict(module.named_parameters())``, so a ``where`` tree or the param
+    order follow ``named_parameters``) and copies the averaged values back into
+    them with ``Tensor.copy_`` under ``torch.no_grad``. torch's averagers
+    rebind ``param.data`` to a view of the communication buffer instead; the
+    values are the same, and ``copy_`` keeps each parameter's storage (DDP's
+    bucket views and tied weights stay intact).
+
+    Buffers (BatchNorm running statistics and the like) follow ``buffers``:
+
+    * ``"local"`` (default, what torch's averagers do): never averaged, each
+      replica keeps its own. Refused for a DDP-wrapped module that broadcasts
+      its buffers (``broadcast_buffers=True``), which would overwrite them
+      with rank 0's at every forward: wrap with ``broadcast_buffers=False``
+      or pass the inner module.
+    * ``"average"``: averaged together with the parameters, in the same
+      Reduce calls (``where`` still decides; by default every floating-point
+      buffer, so ``num_batches_tracked`` stays local).
+    * ``"ignore"``: avgfn neither averages nor checks them; whatever else
+      manages them (DDP's broadcast, your code) is in charge.
+
+    Args:
+      module: the model (an ``nn.Module``; a DDP wrapper works too).
+      averager: the pure averager, e.g. ``avgfn.periodic(...)`` or the
+        ``.averager`` of :func:`avgfn.post_local_sgd`.
+      buffers: ``"local"``, ``"average"`` or ``"ignore"``.
+
+    Examples:
+      >>> import torch, avgfn
+      >>> model = torch.nn.Linear(2, 1)
+      >>> peer = avgfn.testing.peers_mean(lambda t: t * 0)   # a peer whose params are all 0
+      >>> avg = avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=peer))
+      >>> before = model.weight.detach().clone()
+      >>> avg.step(0), avg.step(1)
+      (True, False)
+      >>> torch.equal(model.weight, before / 2)
+      True
+    """
+
+    def __init__(self, module: torch.nn.Module, averager: Averager, *, buffers: BufferPolicy = "local") -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if buffers not in _POLICIES:
+            raise ValueError(f"buffers must be one of {list(_POLICIES)}, got {buffers!r}")
+        if (
+            buffers == "local"
+            and getattr(module, "broadcast_buffers", False) is True
+            and any(True for _ in module.buffers())
+        ):
+            raise ValueError(
+                'buffers="local" but the module broadcasts its buffers from rank 0 at every '
+                "forward (DDP with broadcast_buffers=True); wrap it with "
+                'broadcast_buffers=False, pass the inner module, or use buffers="ignore"'
+            )
+        self.module = module
+        self.buffers = buffers
+        super().__init__(self._live, averager, name=type(module).__name__)
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = dict(self.module.named_parameters())
+        if self.buffers == "average":
+            tensors.update(self.module.named_buffers())
+        return tensors
+
+    def __repr__(self) -> str:
+        return (
+            f"ModuleAverager({type(self.module).__name__}, buffers={self.buffers!r}, "
+            f"state={type(self.state).__name__})"
+        )

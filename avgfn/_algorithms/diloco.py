@@ -1,0 +1,92 @@
+"""DiLoCo: local steps, then an outer optimizer step on the averaged pseudo-gradient."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from avgfn._algorithms.outer import outer_averager, outer_options, plain_mean
+from avgfn._core import select as _select
+from avgfn._core.checks import check_int, check_reduce
+from avgfn._core.types import Averager, Reduce
+from avgfn._round.options import Round
+from avgfn.optim._base import Optimizer
+
+__all__ = ["diloco"]
+
+
+def diloco(
+    period: int,
+    *,
+    reduce: Reduce,
+    outer_optimizer: Optional[Optimizer] = None,
+    where: _select.Where = None,
+    round: Optional[Round] = None,
+    **deprecated: Any,
+) -> Averager:
+    """DiLoCo (Douillard et al., 2023): an outer optimizer over H local steps.
+
+    The state keeps a global copy of the params. Every ``period`` steps (at
+    the steps with ``(step + 1) % period == 0``, i.e. after ``period`` local
+    steps) each replica forms the pseudo-gradient ``global - local``, the
+    group averages it with ``reduce``, the outer optimizer applies it to the
+    global copy, and the local params restart from the new global params.
+    Between those steps ``update`` returns its inputs untouched.
+
+    With ``outer_optimizer=avgfn.optim.sgd(1.0)`` this is periodic averaging
+    (``avgfn.periodic(period, warmup_steps=period - 1)``) up to rounding.
+
+    All replicas must start from the same params (broadcast them before
+    ``init``); ``init`` checks it through ``reduce`` when the Reduce can
+    compare replicas (``verify``).
+
+    Args:
+      period: the number of local steps between two outer steps (``H``), ``>= 1``.
+      reduce: the mean over the group (see :class:`avgfn.Reduce`).
+      outer_optimizer: any :class:`avgfn.optim.Optimizer`; default
+        ``avgfn.optim.sgd(0.7, momentum=0.9, nesterov=True)``, the paper's.
+      where: which leaves are synchronized (see :func:`avgfn.average`); the
+        others pass through untouched.
+      round: the :class:`avgfn.Round` options of the pseudo-gradient's round:
+        ``comm_dtype``, ``bucket_bytes``, the per-round agreement, ``verify``
+        (default ``"values"``: the replicas must start from identical values
+        of the selected leaves) and ``nonfinite``, one of ``"raise"``
+        (default: every replica raises :class:`avgfn.NonFiniteError` and
+        nothing changes; under ``vmap`` or ``torch.compile`` the round is
+        skipped instead), ``"skip"`` (the global params and outer state are
+        kept, the local params restart from them, ``state.skipped`` counts
+        the round) or ``"exclude"`` (the healthy replicas' pseudo-gradients
+        are averaged among themselves). The global params are never
+        corrupted; the global copy is never donated.
+      **deprecated: the round options as keywords (``nonfinite="skip"``...),
+        their spelling before :class:`avgfn.Round`; they warn.
+
+    Returns:
+      An :class:`avgfn.Averager` whose state is a :class:`DiLoCoState`.
+
+    Raises:
+      ValueError: ``period < 1``, an unknown ``nonfinite`` or ``verify``.
+      TypeError: a non-int ``period``, a non-callable ``reduce``, an
+        ``outer_optimizer`` that is not an :class:`avgfn.optim.Optimizer`.
+      NonFiniteError: from ``update``, with ``nonfinite="raise"``.
+
+    Examples:
+      >>> import torch, avgfn
+      >>> peer = lambda t: torch.zeros_like(t)          # the other replica's pseudo-gradient
+      >>> avg = avgfn.diloco(3, reduce=avgfn.testing.peers_mean(peer),
+      ...                    outer_optimizer=avgfn.optim.sgd(1.0))
+      >>> params = {"w": torch.tensor([1.0])}
+      >>> state = avg.init(params)
+      >>> for step in range(3):
+      ...     params = {"w": params["w"] - 0.5}            # a local step
+      ...     params, state = avg.update(params, state, step)
+      >>> params["w"], state.global_params[0], int(state.rounds)   # 1 - 1.5 / 2
+      (tensor([0.2500]), tensor([0.2500]), 1)
+    """
+    period = check_int("period", period, minimum=1)
+    check_reduce("reduce", reduce)
+    outer, rnd = outer_options("diloco", outer_optimizer, where, round, deprecated)
+    return outer_averager(
+        "diloco", period, reduce=reduce, outer=outer, mean=plain_mean(reduce, rnd),
+        where=where, nonfinite=rnd.nonfinite, verify=rnd.verify,
+    )  # fmt: skip
+

@@ -1,0 +1,377 @@
+"""The outer step that DiLoCo, Streaming DiLoCo, SlowMo and FedAvgM share.
+
+Each keeps a global copy of the params in its state; at a round it forms
+the pseudo-gradient ``global - local``, averages it over the group (through
+the round engine), applies an outer optimizer to the global copy, and hands
+fresh local params back. The non-finite policies of an outer step are
+``"raise"``, ``"skip"`` and ``"exclude"``, decided on values every replica
+shares, so all replicas raise or skip together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+
+from avgfn._core.traced import traced
+from avgfn._core import select as _select
+from avgfn._core import tree as _tree
+from avgfn._round.engine import Names, reduce_round
+from avgfn._round.options import Round, round_options
+from avgfn._core.types import Averager, Params, Reduce
+from avgfn._core.checks import check_has_tensor, check_params, check_state, check_step
+from avgfn._core.errors import AveragingError, NonFiniteError
+from avgfn._core.records import record
+from avgfn._round.agree import verify as verify_replicas
+from avgfn.optim._base import Optimizer
+from avgfn.optim._sgd import sgd
+
+OUTER_NONFINITE = ("raise", "skip", "exclude")
+"""The non-finite policies an outer step accepts (``"ignore"`` would corrupt the global copy)."""
+
+Tensors = tuple[torch.Tensor, ...]
+Mean = Callable[[Tensors, Params, int, Names], tuple[Tensors, Optional[torch.Tensor]]]
+"""``mean(tensors, params, step, names) -> (means, ok)``: the group mean of a
+tuple of tensors (``names()`` names them), and an optional 0-d bool tensor
+that is False when the round is invalid (for example, all weights zero)."""
+
+
+def check_outer_optimizer(name: str, value: Any) -> Optimizer:
+    """Validate an outer optimizer argument (an :class:`avgfn.optim.Optimizer`)."""
+    if not isinstance(value, Optimizer):
+        raise TypeError(
+            f"{name} must be an avgfn.optim.Optimizer (e.g. avgfn.optim.sgd(0.7, momentum=0.9, "
+            f"nesterov=True)), got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the global copy of a leaf: at least float32 (fp32 accumulation)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def selected(params: Params, where: _select.Where) -> tuple[list[Any], Any, list[int]]:
+    """``(leaves, spec, chosen)``: the flattened params and the indices ``where`` selects."""
+    leaves, spec = _tree.tree_flatten(params)
+    mask = _select.selection(where, params, leaves, spec)
+    return leaves, spec, [i for i, chosen in enumerate(mask) if chosen]
+
+
+def verify_selected(params: Params, where: _select.Where, reduce: Reduce, mode: Optional[str]) -> None:
+    check_params(params, "init")
+    check_has_tensor(_tree.tree_leaves(params), "init")
+    """The ``verify`` check at ``init``, on the selected leaves only.
+
+    The unselected leaves (a replica's own sample count, local buffers) may
+    differ between replicas: they are checked as ``None`` placeholders, which
+    keeps the paths of the params in the error messages. The global copy is
+    made of the selected leaves, which must agree.
+    """
+    if mode is None:
+        return
+    leaves, spec, chosen = selected(params, where)
+    keep = set(chosen)
+    view = _tree.tree_unflatten([leaf if i in keep else None for i, leaf in enumerate(leaves)], spec)
+    verify_replicas(view, reduce, mode)
+
+
+def snapshot(leaves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Fresh copies of ``leaves`` in their :func:`master_dtype` (never aliases)."""
+    return tuple(leaf.detach().to(master_dtype(leaf.dtype), copy=True) for leaf in leaves)
+
+
+def counter(leaves: Sequence[torch.Tensor], shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """An int64 zero counter on the device of the first leaf (CPU without leaves)."""
+    device = leaves[0].device if leaves else torch.device("cpu")
+    return torch.zeros(shape, dtype=torch.int64, device=device)
+
+
+def check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor], who: str) -> None:
+    """Raise ``ValueError`` when the state's global copy does not fit the params."""
+    if len(globals_) != len(local):
+        raise ValueError(
+            f"{who}: the state holds a global copy of {len(globals_)} leaves but `where` selects "
+            f"{len(local)} leaves of params (was the state made by init for these params?)"
+        )
+    for k, (g, x) in enumerate(zip(globals_, local)):
+        if g.shape != x.shape:
+            raise ValueError(
+                f"{who}: selected leaf {k} has shape {tuple(x.shape)} but its global copy in the "
+                f"state has shape {tuple(g.shape)} (was the state made by init for these params?)"
+            )
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: every element of every tensor is finite."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def eager_check(ok: torch.Tensor, error: Callable[[], BaseException]) -> None:
+    """Raise ``error()`` unless ``ok``; under a transform, do nothing.
+
+    A value cannot stop a program under ``torch.func.vmap`` or
+    ``torch.compile``: there the callers keep the old values with
+    ``torch.where`` instead (as the core's ``nonfinite="raise"`` does).
+    """
+    if traced(ok):
+        return
+    if not bool(ok):
+        raise error()
+
+
+def at_step(step: int) -> Any:
+    """A context that names ``step`` in the :class:`avgfn.AveragingError` it lets through."""
+    return _AtStep(step)
+
+
+class _AtStep:
+    __slots__ = ("step",)
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        if isinstance(error, AveragingError) and error.step is None:
+            raise error.at_step(self.step) from error
+        return False
+
+
+def where_tree(flag: torch.Tensor, if_true: Any, if_false: Any) -> Any:
+    """Leafwise ``torch.where(flag, a, b)`` over two trees of the same structure."""
+    a, spec = _tree.tree_flatten(if_true)
+    b, _ = _tree.tree_flatten(if_false)
+    out = [torch.where(flag, x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(a, b)]
+    return _tree.tree_unflatten(out, spec)
+
+
+def to_local(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor with ``value``'s values and ``like``'s dtype (and grad flag)."""
+    out = value.to(like.dtype, copy=True)
+    if like.requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
+def mean_policy(nonfinite: str) -> str:
+    """The core ``nonfinite`` policy for the Reduce round of an outer step.
+
+    ``"exclude"`` is the core's (healthy replicas average among themselves);
+    otherwise the round itself does not check (``"ignore"``): the outer step
+    checks the mean, which every replica shares, and raises or skips.
+    """
+    return "exclude" if nonfinite == "exclude" else "ignore"
+
+
+def plain_mean(reduce: Reduce, rnd: Round) -> Mean:
+    """The unweighted group mean of a tuple of tensors, through the round engine."""
+    policy = mean_policy(rnd.nonfinite)
+
+    def mean(tensors: tuple[torch.Tensor, ...], params: Params, step: int, names: Names) -> Any:
+        del params
+        if not tensors:
+            return tensors, None
+        averaged, _ = reduce_round(
+            list(tensors), reduce, rnd, step=step, names=names, key=None, policy=policy
+        )
+        return tuple(averaged), None
+
+    return mean
+
+
+def pseudo_gradient(
+    globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """``global - local`` for each leaf, in the global copy's dtype."""
+    return tuple(g - x.detach().to(g.dtype) for g, x in zip(globals_, local))
+
+
+def _bad(names: Optional[Names], tensors: Sequence[torch.Tensor]) -> list[str]:
+    if names is None:
+        return []
+    return [name for name, t in zip(names(), tensors) if not bool(torch.isfinite(t).all())]
+
+
+def _nonfinite_mean(
+    who: str, step: int, names: Optional[Names], local: Sequence[torch.Tensor], averaged: Sequence[torch.Tensor]
+) -> NonFiniteError:
+    mine = _bad(names, local)
+    paths = mine or _bad(names, averaged)
+    whose = "this replica's local params are" if mine else "a replica's local params are"
+    at = f" at {', '.join(paths)}" if paths else ""
+    return NonFiniteError(
+        f"{who}: the averaged pseudo-gradient is not finite (inf or NaN){at}: {whose} not finite "
+        "(or overflowed the wire dtype); the global params and the outer optimizer state are "
+        "unchanged (nonfinite='raise')",
+        paths=tuple(mine),
+    ).at_step(step)
+
+
+def outer_apply(
+    globals_: tuple[torch.Tensor, ...],
+    outer_state: Any,
+    averaged: Sequence[torch.Tensor],
+    valid: Optional[torch.Tensor],
+    *,
+    outer: Optimizer,
+    nonfinite: str,
+    who: str,
+    step: int,
+    names: Optional[Names] = None,
+    local: Sequence[torch.Tensor] = (),
+) -> tuple[tuple[torch.Tensor, ...], Any, torch.Tensor]:
+    """Apply ``outer`` to the global copy with the averaged pseudo-gradient.
+
+    Returns ``(new_globals, new_outer_state, ok)`` where ``ok`` is a 0-d bool
+    tensor, False when the round was skipped (a non-finite mean or step, or
+    ``valid`` False): then the global copy and the outer state come back
+    unchanged. With ``nonfinite="raise"`` a non-finite value raises
+    :class:`avgfn.NonFiniteError` instead, except under a transform. The
+    decision is taken on values every replica shares (the mean, and the outer
+    step applied to it), so all replicas raise or skip together.
+    """
+    averaged = tuple(a.to(g.dtype) for a, g in zip(averaged, globals_))
+    if nonfinite == "raise":
+        eager_check(all_finite(averaged), lambda: _nonfinite_mean(who, step, names, local, averaged))
+    stepped, new_state = outer.update(averaged, outer_state, globals_)
+    stepped = tuple(stepped)
+    if nonfinite == "raise":
+        eager_check(
+            all_finite(stepped),
+            lambda: NonFiniteError(
+                f"{who}: the outer optimizer step made the global params non-finite; they and "
+                "the outer optimizer state are unchanged (nonfinite='raise')"
+            ).at_step(step),
+        )
+    ok = all_finite(averaged + stepped)
+    if valid is not None:
+        ok = ok & valid
+    stepped = tuple(torch.where(ok, s, g) for s, g in zip(stepped, globals_))
+    new_state = where_tree(ok, new_state, outer_state)
+    return stepped, new_state, ok
+
+
+def outer_round(
+    globals_: tuple[torch.Tensor, ...],
+    outer_state: Any,
+    local: Sequence[torch.Tensor],
+    *,
+    mean: Mean,
+    outer: Optimizer,
+    nonfinite: str,
+    who: str,
+    params: Params,
+    step: int,
+    names: Names,
+) -> tuple[tuple[torch.Tensor, ...], Any, torch.Tensor]:
+    """One outer round: average ``global - local``, then :func:`outer_apply`."""
+    with at_step(step):
+        averaged, valid = mean(pseudo_gradient(globals_, local), params, step, names)
+    return outer_apply(
+        globals_, outer_state, averaged, valid,
+        outer=outer, nonfinite=nonfinite, who=who, step=step, names=names, local=local,
+    )  # fmt: skip
+
+
+def write_back(
+    leaves: list[Any], spec: Any, chosen: Sequence[int], values: Sequence[torch.Tensor]
+) -> Params:
+    """The params with leaves ``chosen`` replaced by fresh local copies of ``values``."""
+    new_leaves = list(leaves)
+    for i, value in zip(chosen, values):
+        new_leaves[i] = to_local(value, leaves[i])
+    return _tree.tree_unflatten(new_leaves, spec)
+
+
+@record
+class DiLoCoState:
+    """State of :func:`diloco` (and of :func:`avgfn.fedavgm`).
+
+    Attributes:
+      rounds: int64 count of the outer rounds done (skipped ones included).
+      skipped: int64 count of the rounds skipped for a non-finite
+        pseudo-gradient (or, for :func:`avgfn.fedavgm`, invalid weights).
+      global_params: the global copy of the params: a tuple with one tensor
+        per selected leaf, in tree order, in at least float32.
+      outer: the outer optimizer's state over ``global_params``.
+    """
+
+    rounds: torch.Tensor
+    skipped: torch.Tensor
+    global_params: tuple
+    outer: Any
+
+
+def default_outer() -> Optimizer:
+    """DiLoCo's outer optimizer: Nesterov SGD, lr 0.7, momentum 0.9."""
+    return sgd(0.7, momentum=0.9, nesterov=True)
+
+
+OUTER_ROUND = ("bucket_bytes", "comm_dtype", "nonfinite", "verify", "agree")
+"""The :class:`avgfn.Round` options an outer step honours (its global copy is never donated)."""
+
+
+def outer_options(
+    who: str,
+    outer_optimizer: Optional[Optimizer],
+    where: _select.Where,
+    round: Optional[Round],
+    deprecated: Any,
+) -> tuple[Optimizer, Round]:
+    """Validate the options the outer-step averagers share; fill in the default outer step."""
+    outer = default_outer() if outer_optimizer is None else check_outer_optimizer(
+        "outer_optimizer", outer_optimizer
+    )
+    _select.check_where(where)
+    rnd = round_options(
+        who, round, deprecated, nonfinite=OUTER_NONFINITE, verify="values", allowed=OUTER_ROUND, stacklevel=4
+    )
+    return outer, rnd
+
+
+def outer_averager(
+    who: str,
+    period: int,
+    *,
+    reduce: Reduce,
+    outer: Optimizer,
+    mean: Mean,
+    where: _select.Where,
+    nonfinite: str,
+    verify: Optional[str],
+) -> Averager:
+    """The averager behind :func:`diloco` and :func:`avgfn.fedavgm`."""
+
+    def init(params: Params) -> DiLoCoState:
+        verify_selected(params, where, reduce, verify)
+        leaves, _, chosen = selected(params, where)
+        local = [leaves[i] for i in chosen]
+        globals_ = snapshot(local)
+        zero = counter(local)
+        return DiLoCoState(zero, zero.clone(), globals_, outer.init(globals_))
+
+    def update(params: Params, state: DiLoCoState, step: int) -> tuple[Params, DiLoCoState]:
+        check_state(state, DiLoCoState, who)
+        check_params(params, f"{who}(...).update")
+        step = check_step(step)
+        if (step + 1) % period:
+            return params, state
+        leaves, spec, chosen = selected(params, where)
+        local = [leaves[i] for i in chosen]
+        check_match(state.global_params, local, who)
+        new_globals, new_outer, ok = outer_round(
+            state.global_params, state.outer, local, mean=mean, outer=outer, nonfinite=nonfinite,
+            who=who, params=params, step=step, names=_tree.lazy_paths(params, chosen),
+        )  # fmt: skip
+        skipped = state.skipped + (~ok).to(state.skipped.dtype)
+        new_params = write_back(leaves, spec, chosen, new_globals)
+        return new_params, DiLoCoState(state.rounds + 1, skipped, new_globals, new_outer)
+
+    return Averager(init=init, update=update)

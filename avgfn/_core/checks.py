@@ -1,0 +1,88 @@
+"""Argument checks shared by every factory and update: each error names the argument."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from types import GeneratorType
+from typing import Any, TypeVar
+
+import torch
+
+_S = TypeVar("_S")
+
+
+def check_step(step: Any) -> int:
+    """Validate the ``step`` argument of ``update`` and return it as an int."""
+    if type(step) is int:
+        # The common case, first: torch.compile keeps a plain int step symbolic
+        # here, where operator.index would bake each value into a new graph.
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return step
+    if isinstance(step, bool):
+        raise TypeError(f"step must be an int, got bool {step!r}")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}") from None
+    if value < 0:
+        raise ValueError(f"step must be >= 0, got {value}")
+    return value
+
+
+def check_state(state: Any, cls: type[_S], averager: str) -> _S:
+    """Raise ``TypeError`` unless ``state`` is a ``cls`` (made by ``averager``'s init)."""
+    if not isinstance(state, cls):
+        raise TypeError(
+            f"state must be a {cls.__name__} made by {averager}(...).init, "
+            f"got {type(state).__name__}"
+        )
+    return state
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> int:
+    """Validate an integer hyperparameter: ``TypeError``/``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be an int, got {type(value).__name__} {value!r}"
+            ) from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_reduce(name: str, reduce: Any) -> None:
+    """Raise ``TypeError`` unless ``reduce`` is callable."""
+    if not callable(reduce):
+        raise TypeError(f"{name} must be a callable Tensor -> Tensor, got {reduce!r}")
+
+
+def check_params(params: Any, who: str) -> Any:
+    """Refuse an iterator or generator where a pytree of tensors is expected.
+
+    ``model.parameters()`` is a generator: a pytree library sees it as one
+    opaque leaf, so it would be averaged as nothing at all.
+    """
+    if isinstance(params, (Iterator, GeneratorType)):
+        raise TypeError(
+            f"{who}: params must be a pytree of tensors, got a {type(params).__name__} (an iterator "
+            "such as model.parameters() is consumed once and is not a pytree): pass "
+            "dict(model.named_parameters()), or use avgfn.ModuleAverager(model, averager)"
+        )
+    return params
+
+
+def check_has_tensor(leaves: list[Any], who: str) -> None:
+    """Refuse a params tree in which there is no tensor to average."""
+    if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        kinds = sorted({type(leaf).__name__ for leaf in leaves}) or ["nothing"]
+        raise TypeError(
+            f"{who}: params hold no tensor to average (leaves: {', '.join(kinds)}); pass a pytree "
+            "of tensors such as dict(model.named_parameters())"
+        )

@@ -1,0 +1,73 @@
+"""The exceptions avgfn raises when an averaging round cannot be completed.
+
+Every one of them is raised before the round returns, so the caller's params
+and state are exactly as they were (unless it donated them): it can save a
+checkpoint, rebuild its process group, and continue.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class AveragingError(RuntimeError):
+    """An averaging round failed; the inputs of ``update`` are unchanged.
+
+    Attributes:
+      step: the step of the round, when the averager knew it, else ``None``.
+    """
+
+    step: Optional[int] = None
+
+    def at_step(self, step: int) -> "AveragingError":
+        """A copy of this error that names ``step`` (the averagers add it)."""
+        if self.step is not None:
+            return self
+        args = list(self.args)
+        if args and isinstance(args[0], str):
+            args[0] = f"at step {step}: {args[0]}"
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.args = tuple(args)
+        copy.step = step
+        return copy
+
+
+class PeerError(AveragingError):
+    """A collective failed: a peer died, stalled past the timeout, or the group broke.
+
+    Attributes:
+      group: a description of the process group.
+      timeout: the timeout in seconds that applied, or ``None``.
+    """
+
+    def __init__(self, message: str, *, group: str = "", timeout: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.group = group
+        self.timeout = timeout
+
+
+class NonFiniteError(AveragingError, FloatingPointError):
+    """A replica's params hold NaN or infinity: nothing was averaged.
+
+    Attributes:
+      paths: the pytree paths of this replica's non-finite leaves (empty on a
+        healthy replica that learned that a peer is not).
+    """
+
+    def __init__(self, message: str, *, paths: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
+class ReplicaMismatchError(AveragingError, ValueError):
+    """The replicas of a group hold params of different structure or values."""
+
+
+class RoundNotCommitted(AveragingError):
+    """The group completed a round's collectives but did not keep the round.
+
+    A group that votes on its rounds (a torchft quorum, where a replica was
+    lost mid-round) may decline one; the inputs of ``update`` are unchanged
+    (unless the round donated them).
+    """

@@ -1,0 +1,75 @@
+"""Immutable state records: frozen ``attrs`` classes that are pytree nodes.
+
+A record is declared as an ``attrs`` class body and decorated with
+:func:`record`. Fields are pytree children unless declared with
+``static_field()``, whose values travel in the tree's context instead (periods,
+names: things that never change and are not tensors).
+
+Two facts of torch 2.13 shape this module (see ``shared/STYLE.md``):
+
+* ``torch.compile`` cannot construct ``attrs.frozen`` instances but can run a
+  plain ``__init__`` that sets slots with ``object.__setattr__``; so
+  :func:`record` writes that ``__init__`` itself.
+* ``torch.func.vmap`` only sees classes registered with ``torch.utils._pytree``;
+  so every record is registered there, with keys, by :mod:`avgfn._tree`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import attrs
+
+from avgfn._core import tree as _tree
+
+_STATIC = "avgfn_static"
+
+T = TypeVar("T")
+
+
+def static_field(**kwargs: Any) -> Any:
+    """An ``attrs`` field kept out of the pytree (it rides in the tree context)."""
+    metadata = dict(kwargs.pop("metadata", {}) or {})
+    metadata[_STATIC] = True
+    return attrs.field(metadata=metadata, **kwargs)
+
+
+def _make_init(names: tuple[str, ...]) -> Any:
+    # A plain function with an explicit signature: torch.compile traces it.
+    args = ", ".join(names)
+    body = "\n".join(f"    object.__setattr__(self, {n!r}, {n})" for n in names) or "    pass"
+    src = f"def __init__(self, {args}):\n{body}\n" if names else f"def __init__(self):\n{body}\n"
+    namespace: dict[str, Any] = {}
+    exec(src, namespace)  # noqa: S102 - generated from attribute names only
+    return namespace["__init__"]
+
+
+def record(cls: type[T]) -> type[T]:
+    """Make ``cls`` a frozen, slotted, pytree-registered state record.
+
+    The record compares by identity (``eq=False``: ``==`` on tensors would
+    return a tensor), has a ``replace(**changes)`` method, and a ``fields()``
+    class method listing its pytree fields.
+    """
+    frozen = attrs.frozen(cls, eq=False, init=False)
+    all_fields = attrs.fields(frozen)
+    names = tuple(f.name for f in all_fields)
+    children = tuple(f.name for f in all_fields if not f.metadata.get(_STATIC))
+    statics = tuple(f.name for f in all_fields if f.metadata.get(_STATIC))
+    frozen.__init__ = _make_init(names)  # type: ignore[misc]
+
+    def replace(self: Any, **changes: Any) -> Any:
+        unknown = set(changes) - set(names)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.replace() got unknown field(s) {sorted(unknown)}; "
+                f"fields are {list(names)}"
+            )
+        values = {n: changes.get(n, getattr(self, n)) for n in names}
+        return type(self)(**values)
+
+    frozen.replace = replace  # type: ignore[attr-defined]
+    frozen._avgfn_children = children  # type: ignore[attr-defined]
+    frozen._avgfn_statics = statics  # type: ignore[attr-defined]
+    _tree.register_record(frozen, children, statics, frozen)
+    return frozen

@@ -1,0 +1,273 @@
+"""The core types: the Reduce a caller injects and the Averager record."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import attrs
+import torch
+
+Params = Any
+"""A pytree of tensors (``dict(model.named_parameters())``, nested containers...)."""
+
+State = Any
+"""An averager's state: an immutable record registered as a pytree."""
+
+
+class Reduce(Protocol):
+    """The collective an averager is given: the mean over the replicas of a group.
+
+    It is handed a contiguous tensor that the caller owns and returns the
+    elementwise mean of that tensor over the replicas of its group. It may write
+    into its argument. ``lambda t: t`` is the Reduce of a group of one.
+    """
+
+    def __call__(self, tensor: torch.Tensor, /) -> torch.Tensor:
+        """Return the mean of ``tensor`` over the group (may reuse its storage)."""
+        ...
+
+
+class InitFn(Protocol):
+    """Builds an averager's initial state from the params it will average."""
+
+    def __call__(self, params: Params, /) -> State:
+        """Return the initial state for ``params``."""
+        ...
+
+
+class UpdateFn(Protocol):
+    """One call per training step: averages when due, never mutates its inputs."""
+
+    def __call__(self, params: Params, state: State, step: int, /) -> tuple[Params, State]:
+        """Return ``(params, state)`` after the averaging due at ``step`` (if any)."""
+        ...
+
+
+@attrs.frozen
+class Averager:
+    """An immutable record of two pure functions, ``init`` and ``update``.
+
+    Attributes:
+      init: ``init(params) -> state``.
+      update: ``update(params, state, step) -> (params, state)``. On a step where
+        nothing is due it returns its inputs themselves, at the cost of a
+        comparison or two.
+
+    Examples:
+      >>> import torch, avgfn
+      >>> avg = avgfn.periodic(2, reduce=lambda t: t)
+      >>> params = {"w": torch.ones(3)}
+      >>> state = avg.init(params)
+      >>> new, state = avg.update(params, state, 1)   # off-step
+      >>> new is params
+      True
+    """
+
+    init: InitFn
+    update: UpdateFn
+
+
+class Pending(Protocol):
+    """A Reduce in flight: ``wait()`` returns its result (and raises its failure)."""
+
+    def wait(self) -> torch.Tensor:
+        """Block until the reduction is done; return the mean."""
+        ...
+
+
+class AsyncReduce(Reduce, Protocol):
+    """A Reduce that can also be started without waiting for it.
+
+    ``start(tensor)`` begins the mean of ``tensor`` and returns a
+    :class:`Pending`; the caller must not touch ``tensor`` until ``wait()``.
+    Plain callables are Reduces too: they simply run to completion at start.
+    """
+
+    def start(self, tensor: torch.Tensor, /) -> Pending:
+        """Begin the mean of ``tensor`` over the group."""
+        ...
+
+
+@runtime_checkable
+class GroupReduce(Protocol):
+    """What a Reduce backed by a real group can do beyond ``reduce(tensor)``.
+
+    A plain callable is a Reduce; a group-backed one
+    (:func:`avgfn.collectives.all_reduce_mean`) also offers the methods
+    below, and the round engine uses them when they are there. A wrapper that
+    keeps them (a Reduce that counts bytes, records calls...) subclasses
+    :class:`ForwardingReduce`, which forwards each one to its inner Reduce.
+
+    * ``size``: the number of replicas in the group (0 on a rank outside it).
+    * ``divisor()`` and ``start_sum(tensor)``: the mean is the sum of values
+      each replica divided by ``divisor()``; the engine fuses that division
+      into the copy that packs its buffer, then starts the sum.
+    * ``start(tensor)``: the mean, asynchronously (a :class:`Pending`); the
+      buckets of a round use it to pack one while another is on the wire.
+    * ``agree(digest, entries)``: a collective that raises
+      :class:`avgfn.ReplicaMismatchError` on every replica unless all hand in
+      the same ``digest``; ``entries()`` names what the digest was made of
+      (``(name, description)`` pairs), for the message.
+    * ``commit()``: whether the group keeps the round that just completed;
+      a group that votes on its rounds (a torchft quorum) may answer False,
+      and the round is then refused with :class:`avgfn.RoundNotCommitted`.
+
+    The tensors a group-backed Reduce returns may be in flight (a tensor that
+    waits when first read, as torch's functional collectives return); and
+    with ``DTensor`` params it is handed the local shards.
+    """
+
+    @property
+    def size(self) -> int:
+        """The number of replicas of the group (0 on a rank outside it)."""
+        ...
+
+    def __call__(self, tensor: torch.Tensor, /) -> torch.Tensor:
+        """Return the mean of ``tensor`` over the group."""
+        ...
+
+    def divisor(self) -> int:
+        """What each replica divides its values by before :meth:`start_sum`."""
+        ...
+
+    def start(self, tensor: torch.Tensor, /) -> Pending:
+        """Begin the mean of ``tensor``."""
+        ...
+
+    def start_sum(self, tensor: torch.Tensor, /) -> Pending:
+        """Begin the sum of ``tensor``, already divided by :meth:`divisor`."""
+        ...
+
+    def agree(self, digest: bytes, entries: Callable[[], list[tuple[str, str]]], /) -> None:
+        """Raise :class:`avgfn.ReplicaMismatchError` everywhere unless all digests match."""
+        ...
+
+    def commit(self) -> bool:
+        """Whether the group keeps the round that just completed."""
+        ...
+
+
+class _Done:
+    __slots__ = ("result",)
+
+    def __init__(self, result: torch.Tensor) -> None:
+        self.result = result
+
+    def wait(self) -> torch.Tensor:
+        return self.result
+
+
+def group_of(reduce: Any) -> Optional[GroupReduce]:
+    """``reduce`` as a :class:`GroupReduce` when it is one, else ``None``."""
+    return reduce if isinstance(reduce, GroupReduce) else None
+
+
+def divisor(reduce: Reduce) -> int:
+    """What a replica divides by before :func:`start_sum` (1 for a plain Reduce)."""
+    group = group_of(reduce)
+    return 1 if group is None else group.divisor()
+
+
+def start_sum(reduce: Reduce, tensor: torch.Tensor) -> Pending:
+    """Begin the sum of ``tensor`` pre-divided by :func:`divisor` (a plain Reduce: its mean)."""
+    group = group_of(reduce)
+    return _Done(reduce(tensor)) if group is None else group.start_sum(tensor)
+
+
+def start(reduce: Reduce, tensor: torch.Tensor) -> Pending:
+    """Start ``reduce`` on ``tensor``: asynchronously when it can, else at once."""
+    group = group_of(reduce)
+    if group is None:
+        begin = getattr(reduce, "start", None)  # an AsyncReduce that is not a whole group
+        return _Done(reduce(tensor)) if begin is None else begin(tensor)
+    return group.start(tensor)
+
+
+def agree(reduce: Reduce, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> None:
+    """Run the group's agreement check; a plain Reduce has no peers to compare with."""
+    group = group_of(reduce)
+    if group is not None:
+        group.agree(digest, entries)
+
+
+def commit(reduce: Reduce) -> bool:
+    """Whether the group keeps the round that just completed (a plain Reduce: always)."""
+    group = group_of(reduce)
+    return True if group is None else group.commit()
+
+
+class ForwardingReduce:
+    """A Reduce that wraps another and forwards every :class:`GroupReduce` capability.
+
+    Subclass it to observe what the inner Reduce is handed: override
+    :meth:`observe`, which sees each buffer (and whether it is pre-divided)
+    before it goes to ``inner``. Fused division, asynchronous starts, the
+    replica agreement and the commit vote then keep working through the
+    wrapper; over a plain callable they behave as a plain Reduce does.
+
+    Examples:
+      >>> import torch, avgfn
+      >>> class Count(avgfn.ForwardingReduce):
+      ...     calls = 0
+      ...     def observe(self, tensor, divided):
+      ...         self.calls += 1
+      >>> reduce = Count(lambda t: t)
+      >>> _ = avgfn.average({"w": torch.ones(2)}, reduce)
+      >>> reduce.calls
+      1
+    """
+
+    def __init__(self, inner: Reduce) -> None:
+        if not callable(inner):
+            raise TypeError(f"ForwardingReduce: inner must be a Reduce (a callable), got {inner!r}")
+        self.inner = inner
+
+    def observe(self, tensor: torch.Tensor, divided: bool) -> None:
+        """Called with each buffer before it is handed on (``divided``: for :meth:`start_sum`)."""
+        del tensor, divided
+
+    @property
+    def size(self) -> int:
+        group = group_of(self.inner)
+        return 1 if group is None else group.size
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.observe(tensor, False)
+        return self.inner(tensor)
+
+    def divisor(self) -> int:
+        return divisor(self.inner)
+
+    def start(self, tensor: torch.Tensor) -> Pending:
+        self.observe(tensor, False)
+        return start(self.inner, tensor)
+
+    def start_sum(self, tensor: torch.Tensor) -> Pending:
+        self.observe(tensor, True)
+        return start_sum(self.inner, tensor)
+
+    def agree(self, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> None:
+        agree(self.inner, digest, entries)
+
+    def commit(self) -> bool:
+        return commit(self.inner)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+
+@runtime_checkable
+class ReduceSchedule(Protocol):
+    """Which Reduce averages the gradients at a step (a DDP hook reads it).
+
+    :class:`avgfn.GradientSchedule` is one: ``reduce_at(step)`` is the global
+    Reduce before its switch step, then the local one (or ``None``).
+    """
+
+    where: Any
+    start_step: int
+
+    def reduce_at(self, step: int) -> Optional[Reduce]:
+        """The Reduce for the gradients of ``step``, or ``None`` for none."""
+        ...

@@ -1,0 +1,1 @@
+"""The round engine: the only code that packs, reduces and unpacks buffers. It imports only the core."""

@@ -1,0 +1,296 @@
+"""Pack, reduce, unpack: the only code that moves a round's values through buffers.
+
+The plain round copies the selected leaves into one fresh buffer (the
+division by the group size fused into that copy when the Reduce divides,
+then sums), reduces it, and hands back views of the result cast to each
+leaf's dtype: its inputs are never written. The options of a
+:class:`avgfn.Round` trade that purity or precision for speed and memory:
+
+* ``donate=True``: the caller gives up the params it passes in (as JAX's
+  ``donate_argnums``) and must use the returned ones. When the selected
+  leaves tile one storage in order (as the outputs of any round without
+  buckets do), the Reduce runs on that storage directly and the same
+  tensors come back: no allocation, no copy. Otherwise, without buckets,
+  the round averages into one fresh buffer and returns views of it (so the
+  next round is free); with buckets, it stages each bucket and writes the
+  result back into the donated tensors.
+* ``bucket_bytes=N``: at most ``N`` bytes are staged at a time, in two
+  buffers of ``N / 2``, so that one is packed while the other is on the wire
+  (through the Reduce's asynchronous ``start`` when it has one).
+* ``comm_dtype``: the Reduce sees a buffer of that dtype; results are cast
+  back to each leaf's dtype, optionally with error feedback (the rounding
+  error of each round carried into the next).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+
+from avgfn._core import types as _types
+from avgfn._core.types import Pending, Reduce
+from avgfn._round.options import Round
+
+# A bucket is a list of pieces (leaf index, first element, end element).
+Piece = tuple[int, int, int]
+
+
+def compute_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
+    """The dtype the mean is taken in: the promoted dtype of ``leaves``.
+
+    This is the dtype ``torch.cat`` gives the flat buffer in torch's
+    ``average_parameters``. Integer or bool leaves alone promote further to the
+    default floating dtype, so their mean is not truncated before the cast back.
+    """
+    dtype = leaves[0].dtype
+    for leaf in leaves[1:]:
+        dtype = torch.promote_types(dtype, leaf.dtype)
+    if not (dtype.is_floating_point or dtype.is_complex):
+        dtype = torch.promote_types(dtype, torch.get_default_dtype())
+    return dtype
+
+
+def check_result(result: Any, buf: torch.Tensor) -> torch.Tensor:
+    """Refuse a Reduce result that is not a tensor like its input (shape, dtype, device)."""
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(f"reduce must return a Tensor, got {type(result).__name__}")
+    if result.shape != buf.shape:
+        raise ValueError(
+            f"reduce must return a tensor shaped like its input {tuple(buf.shape)}, "
+            f"got {tuple(result.shape)}"
+        )
+    if result.dtype != buf.dtype or result.device != buf.device:
+        raise TypeError(
+            f"reduce must return a tensor of its input's dtype and device ({buf.dtype} on "
+            f"{buf.device}), got {result.dtype} on {result.device}"
+        )
+    return result
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range of ``t``'s storage that ``t`` can reach."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def check_donatable(leaves: list[Any], selected: list[bool], path_of: Callable[[int], str]) -> None:
+    """Refuse a donation that would change tensors the caller can still see.
+
+    A selected leaf must not overlap itself (a stride-0 ``expand``) nor reach
+    memory that any other leaf of the tree reaches: writing into it would
+    change the other leaf too. Spans are compared against every earlier span
+    that still reaches past them, not only the neighbouring one.
+    """
+    spans = []
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) or leaf.numel() == 0:
+            continue
+        if selected[i] and any(s == 0 and n > 1 for s, n in zip(leaf.stride(), leaf.shape)):
+            raise ValueError(
+                f"donate=True: the leaf at {path_of(i)} overlaps itself (a stride-0 view); "
+                "writing the average into it is not possible"
+            )
+        lo, hi = _span(leaf)
+        spans.append((lo, hi, i))
+    spans.sort()
+    open_spans: list[tuple[int, int]] = []  # (end, index) of spans that may still overlap
+    for lo, hi, i in spans:
+        open_spans = [(end, j) for end, j in open_spans if end > lo]
+        for _, j in open_spans:
+            if selected[i] or selected[j]:
+                raise ValueError(
+                    f"donate=True: the leaves at {path_of(j)} and {path_of(i)} share memory; "
+                    "averaging in place would change both (pass distinct tensors, or donate=False)"
+                )
+        open_spans.append((hi, i))
+
+
+def plan_buckets(numels: list[int], capacity: Optional[int]) -> list[list[Piece]]:
+    """Split the selected elements, in order, into buckets of ``capacity`` elements."""
+    if capacity is None:
+        return [[(i, 0, n) for i, n in enumerate(numels)]]
+    buckets: list[list[Piece]] = [[]]
+    room = capacity
+    for i, n in enumerate(numels):
+        if n == 0:
+            buckets[-1].append((i, 0, 0))
+            continue
+        lo = 0
+        while lo < n:
+            if room == 0:
+                buckets.append([])
+                room = capacity
+            take = min(room, n - lo)
+            buckets[-1].append((i, lo, lo + take))
+            lo += take
+            room -= take
+    return [b for b in buckets if b]
+
+
+def tiled(flats: list[torch.Tensor], bucket: list[Piece], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A 1-D view over the bucket's elements when they lie in order in one storage."""
+    first = flats[bucket[0][0]]
+    if first.dtype != dtype:
+        return None
+    storage = first.untyped_storage().data_ptr()
+    start = first.storage_offset() + bucket[0][1]
+    expected = start
+    for i, lo, hi in bucket:
+        flat = flats[i]
+        if (
+            flat.dtype != dtype
+            or not flat.is_contiguous()
+            or flat.untyped_storage().data_ptr() != storage
+            or flat.storage_offset() + lo != expected
+        ):
+            return None
+        expected += hi - lo
+    total = expected - start
+    return first.new_empty(0).set_(first.untyped_storage(), start, (total,), (1,))
+
+
+class Buffers:
+    """One device's share of a round: its leaves, their flat views, and the staging."""
+
+    def __init__(
+        self,
+        leaves: list[torch.Tensor],
+        reduce: Reduce,
+        rnd: Round,
+        dtype: torch.dtype,
+        residuals: Optional[list[Optional[torch.Tensor]]],
+        watch: Any,
+    ) -> None:
+        self.leaves = leaves
+        self.reduce = reduce
+        self.watch = watch
+        self.dtype = dtype
+        self.wire_dtype = rnd.comm_dtype or dtype
+        self.flats = [leaf.detach().reshape(-1) for leaf in leaves]
+        self.device = leaves[0].device
+        self.feedback = residuals is not None and rnd.comm_dtype is not None
+        itemsize = torch.empty((), dtype=self.wire_dtype).element_size()
+        self.capacity = None if rnd.bucket_bytes is None else max(1, rnd.bucket_bytes // 2 // itemsize)
+        self.donate = rnd.donate
+        if self.donate and self.capacity is None and not self.feedback:
+            whole = plan_buckets([f.numel() for f in self.flats], None)[0]
+            # Not one storage yet: average into one fresh buffer and hand back
+            # views of it, so that the next donated round is free of copies.
+            self.donate = tiled(self.flats, whole, self.wire_dtype) is not None
+        self.residuals = None
+        self.new_res: Optional[list[Optional[torch.Tensor]]] = None
+        if self.feedback:
+            assert residuals is not None
+            self.residuals = [None if r is None else r.reshape(-1) for r in residuals]
+            self.new_res = [None if r is None else torch.empty_like(r) for r in self.residuals]
+        self.outs: list[Any] = self.flats if self.donate else [None] * len(leaves)
+        self.pool: list[torch.Tensor] = []
+        # A Reduce that divides, then sums lets the packing copy do the division:
+        # torch.div(src, divisor, out=dst). On the exact paths that is only done
+        # where src already has the buffer's dtype (the bits of copy, then
+        # divide); on a reduced-precision wire the quotient is rounded once.
+        self.by = _types.divisor(reduce) if _types.group_of(reduce) is not None else 1
+        self.fused = self.by != 1 and not self.feedback
+        # The plain round packs with torch.cat: functional, so it runs under vmap too.
+        self.plain = rnd.plain_wire and not self.fused and not self.feedback
+
+    def staging(self, n: int, slot: int) -> torch.Tensor:
+        """A buffer of ``n`` wire elements (reused across buckets when donating)."""
+        if not self.donate:
+            return torch.empty(n, dtype=self.wire_dtype, device=self.device)
+        while len(self.pool) <= slot:
+            self.pool.append(torch.empty(0, dtype=self.wire_dtype, device=self.device))
+        if self.pool[slot].numel() < n:
+            self.pool[slot] = torch.empty(n, dtype=self.wire_dtype, device=self.device)
+        return self.pool[slot][:n]
+
+    def pack(self, bucket: list[Piece], slot: int) -> tuple[torch.Tensor, bool]:
+        """The bucket's buffer, and whether it is the donated storage itself."""
+        if self.donate and not self.feedback:
+            view = tiled(self.flats, bucket, self.wire_dtype)
+            if view is not None:
+                if self.fused and self.by != 1:
+                    view.div_(self.by)
+                return view, True
+        if self.plain:
+            buf = torch.cat([self.flats[i][lo:hi] for i, lo, hi in bucket])
+            return (buf if buf.dtype == self.wire_dtype else buf.to(self.wire_dtype)), False
+        buf = self.staging(sum(hi - lo for _, lo, hi in bucket), slot)
+        o = 0
+        for i, lo, hi in bucket:
+            src, dst = self.flats[i][lo:hi], buf[o : o + hi - lo]
+            residual = None if self.residuals is None else self.residuals[i]
+            if residual is not None:
+                value = src.to(self.dtype) + residual[lo:hi]
+                dst.copy_(value)
+                self.new_res[i][lo:hi] = value - dst.to(value.dtype)  # type: ignore[index]
+            elif self.fused and (src.dtype == self.wire_dtype or self.wire_dtype != self.dtype):
+                torch.div(src, self.by, out=dst)
+            else:
+                dst.copy_(src)
+                if self.fused:
+                    dst.div_(self.by)
+            o += hi - lo
+        return buf, False
+
+    def start(self, buf: torch.Tensor) -> Pending:
+        """Start the bucket's collective (a sum when the division was fused)."""
+        if self.fused:
+            return _types.start_sum(self.reduce, buf)
+        return _types.start(self.reduce, buf)
+
+    def finish(self, bucket: list[Piece], buf: torch.Tensor, in_place: bool, pending: Pending) -> None:
+        """Wait for a bucket and move its result where the leaves take it from."""
+        result = check_result(pending.wait(), buf)
+        if self.watch is not None:
+            self.watch.add(result)
+        if in_place:
+            if result is not buf:
+                buf.copy_(result)
+            return
+        o = 0
+        for i, lo, hi in bucket:
+            piece = result[o : o + hi - lo]
+            o += hi - lo
+            if self.donate:
+                self.flats[i][lo:hi].copy_(piece)
+            elif lo == 0 and hi == self.flats[i].numel():
+                self.outs[i] = piece.to(self.leaves[i].dtype)
+            else:
+                if self.outs[i] is None:
+                    self.outs[i] = torch.empty(self.flats[i].numel(), dtype=self.leaves[i].dtype, device=self.device)
+                self.outs[i][lo:hi].copy_(piece)
+
+    def run(self) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
+        """The whole round on this device: the averaged leaves and the new residuals."""
+        with torch.no_grad():
+            in_flight: deque = deque()
+            for k, bucket in enumerate(plan_buckets([f.numel() for f in self.flats], self.capacity)):
+                if len(in_flight) == 2:
+                    self.finish(*in_flight.popleft())
+                buf, in_place = self.pack(bucket, k % 2)
+                in_flight.append((bucket, buf, in_place, self.start(buf)))
+            while in_flight:
+                self.finish(*in_flight.popleft())
+            results = [self.result(i, leaf) for i, leaf in enumerate(self.leaves)]
+        new_res = self.new_res
+        if new_res is not None:
+            new_res = [None if r is None else r.view(leaf.shape) for r, leaf in zip(new_res, self.leaves)]
+        return results, new_res
+
+    def result(self, i: int, leaf: torch.Tensor) -> torch.Tensor:
+        """Leaf ``i`` averaged: the donated tensor itself, or a view of the result."""
+        if self.donate:
+            if self.flats[i].data_ptr() != leaf.data_ptr() or not leaf.is_contiguous():
+                leaf.copy_(self.flats[i].view(leaf.shape))  # reshape had to copy
+            return leaf
+        out = self.outs[i].view(leaf.shape)
+        if leaf.requires_grad:
+            out.requires_grad_(True)
+        return out

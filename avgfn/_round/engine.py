@@ -1,0 +1,264 @@
+"""One averaging round, for every averager: agree, check health, pack, reduce, unpack.
+
+:func:`reduce_round` is the round every averager runs (on its params, or on
+the pseudo-gradients of an outer step). In order:
+
+1. the replicas agree on what they average and at which step
+   (:mod:`avgfn._round.agree`), before any value is mixed;
+2. the non-finite policy decides the round (:mod:`avgfn._round.health`);
+3. the values go through buffers (:mod:`avgfn._round.buffers`): one Reduce
+   call per device and bucket;
+4. the results are checked, and the group is asked to commit the round.
+
+On any failure the caller's tensors are unchanged, except those it donated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+
+from avgfn._core import select as _select
+from avgfn._core import tree as _tree
+from avgfn._core import types as _types
+from avgfn._core.checks import check_params
+from avgfn._core.errors import AveragingError, PeerError, RoundNotCommitted
+from avgfn._core.traced import batched, traced
+from avgfn._core.types import Params, Reduce
+from avgfn._round import agree as _agree
+from avgfn._round import health as _health
+from avgfn._round.buffers import Buffers, check_donatable, compute_dtype
+from avgfn._round.options import DEFAULT, Round
+
+Names = Callable[[], list[str]]
+"""Lazily names the leaves of a round (their params paths), for errors and agreement."""
+
+
+def _check_leaves(leaves: list[torch.Tensor], rnd: Round, names: Names) -> None:
+    if not rnd.plain_wire and batched(leaves[0]):
+        raise ValueError(
+            "Round(donate, bucket_bytes, comm_dtype) is not supported under torch.func.vmap (they "
+            f"stage values in plain buffers); got {rnd}. Use the default round there."
+        )
+    if rnd.comm_dtype is not None:
+        for k, leaf in enumerate(leaves):
+            if leaf.is_complex():
+                raise TypeError(
+                    f"Round(comm_dtype={rnd.comm_dtype}) cannot carry the complex leaf at "
+                    f"{names()[k]} (its imaginary part would be lost); leave comm_dtype=None "
+                    "or exclude the leaf with where="
+                )
+
+
+def _by_device(
+    leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, residuals: Any, watch: Any
+) -> tuple[list[torch.Tensor], Any]:
+    dtype = compute_dtype(leaves)
+    groups: dict[torch.device, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault(leaf.device, []).append(i)
+    out: list[Any] = [None] * len(leaves)
+    new_res: Any = None if residuals is None else [None] * len(leaves)
+    for indices in groups.values():
+        part = None if residuals is None else [residuals[i] for i in indices]
+        values, res = Buffers([leaves[i] for i in indices], reduce, rnd, dtype, part, watch).run()
+        for j, i in enumerate(indices):
+            out[i] = values[j]
+            if new_res is not None:
+                new_res[i] = None if res is None else res[j]
+    return out, new_res
+
+
+def _donated_failure(error: PeerError) -> PeerError:
+    message = str(error.args[0]).replace(" The params and state passed to update are unchanged.", "")
+    return PeerError(
+        f"{message} The round donated its params (Round(donate=True)): they may hold a mix of "
+        "divided and averaged values; do not use them, restore params and state from a "
+        "checkpoint (donate=False would have left them unchanged).",
+        group=error.group,
+        timeout=error.timeout,
+    )
+
+
+def _zero_unless(ok: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """``leaf`` where ``ok``, zeros where not (a NaN times zero is still NaN)."""
+    return torch.where(ok, leaf.detach(), torch.zeros((), dtype=leaf.dtype, device=leaf.device))
+
+
+def _like(leaf: torch.Tensor, value: torch.Tensor, keep: Any) -> torch.Tensor:
+    """Give an excluded round's result the leaf's autograd flag; keep the leaf if told."""
+    if keep is not None:
+        value = torch.where(keep, leaf.detach(), value)
+    if leaf.requires_grad and not value.requires_grad:
+        value = value.requires_grad_(True)
+    return value
+
+
+def _wire_limit(reduce: Reduce, rnd: Round) -> Optional[float]:
+    """The largest magnitude a leaf may hold before its share overflows the wire dtype."""
+    if rnd.comm_dtype is None or not rnd.comm_dtype.is_floating_point:
+        return None
+    return torch.finfo(rnd.comm_dtype).max * _types.divisor(reduce)
+
+
+def reduce_round(
+    leaves: list[torch.Tensor],
+    reduce: Reduce,
+    rnd: Round,
+    *,
+    step: Optional[int],
+    names: Names,
+    key: Any = None,
+    residuals: Optional[list[Optional[torch.Tensor]]] = None,
+    policy: Optional[str] = None,
+) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
+    """Average ``leaves`` over the group of ``reduce`` as ``rnd`` says (see the module docstring).
+
+    ``names()`` names the leaves, ``key`` (hashable) identifies their
+    structure for the agreement's cache, ``residuals`` are the error-feedback
+    residuals (one per leaf, or ``None``), ``policy`` overrides
+    ``rnd.nonfinite``. Returns the averaged leaves (the leaves themselves
+    when nothing was averaged) and the new residuals.
+    """
+    policy = rnd.nonfinite if policy is None else policy
+    _check_leaves(leaves, rnd, names)
+    if rnd.agree:
+        _agree.agree_round(leaves, reduce, step, names, key)
+
+    def local_bad() -> list[str]:
+        return [names()[k] for k, leaf in enumerate(leaves) if not bool(_health.finite([leaf], limit))]
+
+    limit = _wire_limit(reduce, rnd)
+    plan = _health.plan(leaves, reduce, policy, rnd.donate, local_bad, limit)
+    if plan.skip:
+        return leaves, residuals
+    sent = leaves if plan.mask is None else [_zero_unless(plan.mask, leaf) for leaf in leaves]
+    watch = _health.Watch() if plan.check and not traced(leaves[0]) else None
+    try:
+        averaged, new_res = _by_device(sent, plan.reduce, rnd, residuals, watch)
+    except PeerError as error:
+        raise (_donated_failure(error) if rnd.donate else error) from error
+    if plan.mask is not None:
+        averaged = [_like(leaf, value, plan.keep) for leaf, value in zip(leaves, averaged)]
+    if plan.check:
+        averaged = _health.check_result(
+            policy, leaves, averaged, watch, local_bad,
+            lambda flags: [names()[k] for k, bad in enumerate(flags) if bad], rnd.donate,
+        )  # fmt: skip
+        if averaged is leaves or all(a is b for a, b in zip(averaged, leaves)) and not rnd.donate:
+            return leaves, residuals
+    if not _types.commit(reduce):
+        raise RoundNotCommitted(
+            "the group did not commit this averaging round; the inputs of update are unchanged"
+            + (" except the donated params" if rnd.donate else "")
+        )
+    return averaged, new_res
+
+
+def _residual_leaves(residual: Any, leaves: list[Any]) -> list[Any]:
+    """Align the residual (one tensor per floating-point leaf) with ``leaves``."""
+    if not isinstance(residual, tuple):
+        raise ValueError(
+            "the state has no error-feedback residual, but the averager runs with "
+            "Round(error_feedback=True): was the state made by this averager's init?"
+        )
+    it = iter(residual)
+    out: list[Any] = []
+    for leaf in leaves:
+        if _select.default_selected(leaf):
+            res = next(it, None)
+            if res is None or res.shape != leaf.shape:
+                raise ValueError(
+                    "the error-feedback residual in the state does not match params "
+                    "(was the state made by init for these params?)"
+                )
+            out.append(res)
+        else:
+            out.append(None)
+    if next(it, None) is not None:
+        raise ValueError("the error-feedback residual in the state has more tensors than params")
+    return out
+
+
+def average_tree(
+    params: Params,
+    reduce: Reduce,
+    where: _select.Where,
+    rnd: Round = DEFAULT,
+    residual: Any = None,
+    step: Optional[int] = None,
+) -> tuple[Params, Any]:
+    """Average the leaves of ``params`` that ``where`` selects; also return the new residual.
+
+    ``residual`` (with ``rnd.error_feedback``) is a tuple of one tensor per
+    floating-point leaf of ``params``, in tree order.
+    """
+    leaves, spec = _tree.tree_flatten(params)
+    mask = _select.selection(where, params, leaves, spec)
+    chosen = [i for i, selected in enumerate(mask) if selected]
+    if not chosen:
+        return params, residual
+    names = _tree.lazy_paths(params, chosen)
+    _check_leaves([leaves[i] for i in chosen], rnd, names)
+    if rnd.donate:
+        check_donatable(leaves, mask, lambda i: _tree.path_of(params, i))
+    res_leaves = None
+    if rnd.error_feedback:
+        res_leaves = _residual_leaves(residual, leaves)
+    averaged, new_res = reduce_round(
+        [leaves[i] for i in chosen], reduce, rnd, step=step, names=names, key=(spec, tuple(chosen)),
+        residuals=None if res_leaves is None else [res_leaves[i] for i in chosen],
+    )  # fmt: skip
+    new_leaves = list(leaves)
+    for i, value in zip(chosen, averaged):
+        new_leaves[i] = value
+    new_residual = residual
+    if new_res is not None and res_leaves is not None:
+        for i, value in zip(chosen, new_res):
+            if value is not None:
+                res_leaves[i] = value
+        new_residual = tuple(r for r in res_leaves if r is not None)
+    if all(new_leaves[i] is leaves[i] for i in chosen) and not rnd.donate:
+        return params, new_residual
+    return _tree.tree_unflatten(new_leaves, spec), new_residual
+
+
+class Averaging:
+    """What an averager does at a due step: its ``where`` and its :class:`Round`.
+
+    Shared by the averagers that average params directly (periodic,
+    hierarchical, post-local SGD).
+    """
+
+    __slots__ = ("where", "round")
+
+    def __init__(self, where: _select.Where, rnd: Round) -> None:
+        _select.check_where(where)
+        self.where = where
+        self.round = rnd
+
+    def init_residual(self, params: Params) -> Any:
+        """The error-feedback residual to keep in the state (``None`` without it)."""
+        if not self.round.error_feedback:
+            return None
+        return tuple(
+            torch.zeros_like(leaf, dtype=torch.promote_types(leaf.dtype, torch.float32))
+            for leaf in _tree.tree_leaves(params)
+            if _select.default_selected(leaf)
+        )
+
+    def __call__(self, params: Params, reduce: Reduce, residual: Any, step: int) -> tuple[Params, Any]:
+        """Average ``params`` with ``reduce``; errors of the round name ``step``."""
+        try:
+            return average_tree(params, reduce, self.where, self.round, residual, step)
+        except AveragingError as error:
+            raise error.at_step(step) from error
+
+
+def named(values: Sequence[Any], names: Sequence[str]) -> Names:
+    """A :data:`Names` over fixed names (for rounds on tensors that are not params)."""
+    del values
+    fixed = list(names)
+    return lambda: fixed

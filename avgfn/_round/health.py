@@ -1,0 +1,210 @@
+"""Non-finite params: never average a NaN (or a wire overflow) into healthy replicas.
+
+A NaN or infinity in any replica makes the group's mean non-finite at the
+same place, on every replica; so does a value too large for a reduced
+precision wire (``Round(comm_dtype=torch.float16)``). The policies of
+:data:`avgfn._round.options.NONFINITE` use that:
+
+* ``"raise"``: the mean is checked before it is returned; if it is not
+  finite, every replica raises :class:`avgfn.NonFiniteError` naming the
+  leaves, and its params and state stay as they were. No extra collective.
+  A donating round writes results into the params as they arrive, so with
+  ``donate=True`` the replicas first exchange one small health flag (which
+  counts a value past the wire dtype's range as unhealthy) and raise before
+  any data moves.
+* ``"skip"``: as ``"raise"``, but every replica returns its params unchanged
+  instead of raising.
+* ``"exclude"``: the replicas first exchange the health flag; the healthy
+  ones average among themselves (an unhealthy replica sends zeros and the
+  mean is rescaled by the healthy fraction) and every replica receives
+  that mean. With no healthy replica it raises. The mean is checked too.
+* ``"ignore"``: no check at all (torch's behaviour).
+
+Under ``torch.func.vmap`` or ``torch.compile`` a value cannot stop the
+program: there ``"raise"`` and ``"skip"`` keep each replica's old values
+wherever the mean is not finite (per leaf), and ``"exclude"`` computes the
+exclusion with ``torch.where``. With every replica healthy, every policy
+gives the bits of the plain mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+
+from avgfn._core.types import Reduce
+from avgfn._core.errors import NonFiniteError
+from avgfn._core.traced import traced
+
+def _extremes(t: torch.Tensor) -> torch.Tensor:
+    """A small tensor that is finite exactly when ``t`` is.
+
+    ``aminmax`` reads ``t`` once and allocates two numbers (a NaN makes both
+    NaN, an infinity shows in one of them); ``isfinite(t).all()`` would first
+    allocate a bool tensor as large as ``t``. Complex tensors take that path.
+    """
+    if t.is_complex():
+        return torch.where(torch.isfinite(t).all(), 0.0, float("nan")).reshape(1)
+    low, high = torch.aminmax(t.detach())
+    return torch.stack([low, high]).to(torch.float64)
+
+
+def finite(leaves: list[torch.Tensor], limit: Optional[float] = None) -> torch.Tensor:
+    """A 0-d bool tensor: every element of every leaf is finite (and within ``limit``).
+
+    ``limit`` is the largest magnitude the wire dtype holds (after the
+    division by the group size): a value past it would arrive as infinity.
+    """
+    checks = [
+        _extremes(leaf)
+        for leaf in leaves
+        if (leaf.is_floating_point() or leaf.is_complex()) and leaf.numel()
+    ]
+    if not checks:
+        return torch.ones((), dtype=torch.bool, device=leaves[0].device)
+    values = torch.cat(checks)
+    ok = torch.isfinite(values).all()
+    if limit is not None:
+        ok = ok & (values.abs() <= limit).all()
+    return ok
+
+
+class Watch:
+    """Collects the extremes of a round's reduced buffers, to check them at once.
+
+    The eager ``"raise"`` check: one read of each buffer and a single
+    host sync at the end (:meth:`finite`), instead of a pass per leaf.
+    """
+
+    __slots__ = ("extremes",)
+
+    def __init__(self) -> None:
+        self.extremes: list[torch.Tensor] = []
+
+    def add(self, buffer: torch.Tensor) -> None:
+        """Note the extremes of one reduced buffer."""
+        if buffer.numel() and (buffer.is_floating_point() or buffer.is_complex()):
+            self.extremes.append(_extremes(buffer))
+
+    def finite(self) -> bool:
+        """Whether every buffer noted so far was finite."""
+        if not self.extremes:
+            return True
+        return bool(torch.isfinite(torch.cat([e.to("cpu") for e in self.extremes])).all())
+
+
+class Plan:
+    """What the round does around its data collective.
+
+    Attributes:
+      reduce: the Reduce for the data (rescaled when excluding).
+      mask: ``None``, or a 0-d bool tensor: this replica's leaves are to be
+        replaced by zeros before they are sent (excluding).
+      keep: ``None``, or a 0-d bool tensor: keep the old values (no healthy
+        replica, under a transform).
+      check: the result must be checked before it is returned.
+      skip: the round must not happen (``"skip"``, a replica is unhealthy).
+    """
+
+    __slots__ = ("reduce", "mask", "keep", "check", "skip")
+
+    def __init__(
+        self, reduce: Reduce, mask: Any = None, keep: Any = None, check: bool = False, skip: bool = False
+    ) -> None:
+        self.reduce = reduce
+        self.mask = mask
+        self.keep = keep
+        self.check = check
+        self.skip = skip
+
+
+def _rescaled(reduce: Reduce, healthy: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def reduce_healthy(tensor: torch.Tensor) -> torch.Tensor:
+        return reduce(tensor) / healthy.to(tensor.dtype)
+
+    return reduce_healthy
+
+
+def error(
+    policy: str, local: list[str], result: list[str], donated: bool = False, wire: bool = False
+) -> NonFiniteError:
+    """The :class:`avgfn.NonFiniteError` of a round: whose values, which leaves."""
+    if local:
+        where = f"this replica holds non-finite values at {', '.join(local)}"
+    elif result:
+        where = (
+            f"the group's mean is non-finite at {', '.join(result)}: a peer replica holds "
+            "non-finite values there, or they overflowed the wire dtype"
+        )
+    else:
+        where = "a peer replica holds non-finite values" + (
+            " (or values too large for the wire dtype)" if wire else ""
+        )
+    if donated and result and not local:
+        tail = "the donated params now hold that mean: restore them from a checkpoint"
+    else:
+        tail = "nothing was averaged"
+    return NonFiniteError(f"{where}; {tail} (nonfinite={policy!r})", paths=tuple(local))
+
+
+def plan(
+    leaves: list[torch.Tensor],
+    reduce: Reduce,
+    policy: str,
+    donate: bool,
+    bad_paths: Callable[[], list[str]],
+    limit: Optional[float] = None,
+) -> Plan:
+    """Decide the round before its data moves (see the module docstring)."""
+    if policy == "ignore":
+        return Plan(reduce)
+    if policy in ("raise", "skip") and not donate:
+        return Plan(reduce, check=True)
+    ok = finite(leaves, limit)
+    flags = torch.stack([~ok, ok]).to(torch.float32)
+    means = reduce(flags)
+    if not isinstance(means, torch.Tensor) or means.shape != flags.shape:
+        raise ValueError(
+            f"reduce must return a tensor shaped like its input (2,), got {getattr(means, 'shape', means)!r}"
+        )
+    unhealthy, healthy = means[0], means[1]
+    if traced(leaves[0]):
+        return Plan(_rescaled(reduce, healthy), mask=ok, keep=healthy <= 0, check=True)
+    if float(unhealthy) <= 0:
+        return Plan(reduce, check=True)
+    if policy == "skip":
+        return Plan(reduce, skip=True)
+    if policy == "raise" or float(healthy) <= 0:
+        raise error(policy, [] if bool(ok) else bad_paths(), [], wire=limit is not None)
+    return Plan(_rescaled(reduce, healthy), mask=ok, check=True)
+
+
+def check_result(
+    policy: str,
+    originals: list[torch.Tensor],
+    averaged: list[torch.Tensor],
+    watch: Optional[Watch],
+    bad_paths: Callable[[], list[str]],
+    result_paths: Callable[[list[bool]], list[str]],
+    donated: bool = False,
+) -> list[torch.Tensor]:
+    """Refuse a non-finite mean (eager), keep the old values (traced, or ``"skip"``).
+
+    Eagerly, ``watch`` holds the extremes of the reduced buffers; the leaves
+    are only looked at one by one to name them in the error.
+    """
+    if watch is None:
+        out = []
+        for old, new in zip(originals, averaged):
+            if new.is_floating_point() or new.is_complex():
+                new = torch.where(torch.isfinite(new).all(), new, old.detach().to(new.dtype))
+            out.append(new)
+        return out
+    if watch.finite():
+        return averaged
+    if policy == "skip" and not donated:
+        return list(originals)
+    flags = [not bool(finite([value])) for value in averaged]
+    raise error(policy, [] if donated else bad_paths(), result_paths(flags), donated)

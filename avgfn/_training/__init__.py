@@ -1,0 +1,1 @@
+"""Composition of averaging with a training step: with_averaging and the inner-state policies."""

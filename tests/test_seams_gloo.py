@@ -1,0 +1,159 @@
+"""The seams on real gloo groups: replicas that disagree, and a wire that overflows.
+
+Each scenario runs on every rank of one 2-process world; every rank must
+raise the same error, and nothing it passed in may be written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import avgfn
+from _dist import run_world
+
+SEL_DIFF = "rank 0 has ['a']"
+
+
+def _outcome(fn: Callable[[], Any], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    before = {k: v.detach().clone() for k, v in inputs.items()}
+    try:
+        fn()
+        error, message = None, ""
+    except Exception as e:  # noqa: BLE001 - the test compares the type by name
+        error, message = type(e).__name__, str(e)
+    unchanged = all(torch.equal(before[k], inputs[k]) for k in inputs)
+    return {"error": error, "message": message, "unchanged": unchanged}
+
+
+def _torch_filter(rank: int, reduce: Any) -> dict[str, Any]:
+    # torch's own filter, with a layer that only rank 1 used this step
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 1)})
+    model["a"](torch.ones(1, 2)).sum().backward()
+    if rank == 1:
+        model["b"](torch.ones(1, 2)).sum().backward()
+    params = dict(model.named_parameters())
+    avg = avgfn.periodic(2, reduce=reduce, where=lambda p: p.grad is not None)
+    state = avg.init(params)
+    return _outcome(lambda: avg.update(params, state, 0), params)
+
+
+def _sizes(rank: int, reduce: Any) -> dict[str, Any]:
+    # different selections of different sizes: gloo would abort the process
+    params = {"a": torch.full((3,), float(rank)), "b": torch.full((5,), float(rank))}
+    where = {"a": rank == 0, "b": rank == 1}
+    return _outcome(lambda: avgfn.average(params, reduce, where=where), params)
+
+
+def _desync(rank: int, reduce: Any) -> dict[str, Any]:
+    params = {"w": torch.full((4,), float(rank))}
+    avg = avgfn.periodic(2, reduce=reduce)
+    state = avg.init(params)
+    step = 4 if rank == 0 else 6  # both due, but not the same round
+    return _outcome(lambda: avg.update(params, state, step), params)
+
+
+def _diloco_selection(rank: int, reduce: Any) -> dict[str, Any]:
+    params = {"a": torch.ones(3), "b": torch.ones(3)}
+    avg = avgfn.diloco(2, reduce=reduce, where={"a": True, "b": rank == 0},
+                       round=avgfn.Round(verify=None))
+    state = avg.init(params)
+    return _outcome(lambda: avg.update(params, state, 1), params)
+
+
+def _opt_out(rank: int, reduce: Any) -> dict[str, Any]:
+    params = {"w": torch.full((4,), float(rank))}
+    avg = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(agree=False))
+    state = avg.init(params)
+    out = {}
+
+    def run():
+        out["w"] = avg.update(params, state, 2)[0]["w"]
+
+    result = _outcome(run, params)
+    result["mean"] = out["w"].tolist()
+    return result
+
+
+def _overflow(rank: int, reduce: Any, nonfinite: str, bucket_bytes: Any) -> dict[str, Any]:
+    # fp32 params whose share does not fit an fp16 wire on rank 0
+    value = 1e6 if rank == 0 else 1.0
+    params = {"a": torch.full((8,), value), "b": torch.ones(8)}
+    rnd = avgfn.Round(donate=True, comm_dtype=torch.float16, bucket_bytes=bucket_bytes, nonfinite=nonfinite)
+    out = {}
+
+    def run():
+        out["p"] = avgfn.average(params, reduce, round=rnd)
+
+    result = _outcome(run, params)
+    if "p" in out:
+        result["finite"] = all(bool(torch.isfinite(v).all()) for v in out["p"].values())
+        result["a"] = out["p"]["a"].tolist()
+    return result
+
+
+def _world(rank: int, world_size: int) -> dict[str, Any]:
+    reduce = avgfn.collectives.all_reduce_mean(timeout=30)
+    results = {
+        "torch_filter": _torch_filter(rank, reduce),
+        "sizes": _sizes(rank, reduce),
+        "desync": _desync(rank, reduce),
+        "diloco": _diloco_selection(rank, reduce),
+        "opt_out": _opt_out(rank, reduce),
+    }
+    for policy in ("raise", "exclude", "skip"):
+        for bucket in (None, 32):
+            results[f"overflow/{policy}/{bucket}"] = _overflow(rank, reduce, policy, bucket)
+    results["after"] = avgfn.average({"w": torch.full((2,), float(rank))}, reduce)["w"].tolist()
+    return results
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_world(_world, 2, timeout=240)
+
+
+@pytest.mark.parametrize("name", ["torch_filter", "sizes", "diloco"])
+def test_replicas_that_select_other_leaves_all_raise_before_anything_is_mixed(world, name):
+    for rank in (0, 1):
+        r = world[rank][name]
+        assert r["error"] == "ReplicaMismatchError", (name, rank, r)
+        assert r["unchanged"], (name, rank)
+        assert "hold params that differ" in r["message"]
+    assert "rank 0 has no leaf ['b.bias'], rank 1 has ['b.bias']" in world[0]["torch_filter"]["message"] \
+        or "rank 1 has ['b" in world[0]["torch_filter"]["message"]
+    assert SEL_DIFF in world[0]["sizes"]["message"]
+
+
+def test_replicas_out_of_step_all_raise_naming_the_steps(world):
+    for rank in (0, 1):
+        r = world[rank]["desync"]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], r
+        assert "rank 0 averages at step 4, rank 1 at step 6" in r["message"], r["message"]
+        assert r["message"].startswith("at step")
+
+
+def test_the_agreement_can_be_turned_off(world):
+    for rank in (0, 1):
+        r = world[rank]["opt_out"]
+        assert r["error"] is None and r["mean"] == [0.5] * 4
+
+
+@pytest.mark.parametrize("bucket", [None, 32])
+def test_a_wire_overflow_is_refused_and_never_written_into_donated_params(world, bucket):
+    for rank in (0, 1):
+        r = world[rank][f"overflow/raise/{bucket}"]
+        assert r["error"] == "NonFiniteError" and r["unchanged"], r
+        r = world[rank][f"overflow/skip/{bucket}"]
+        assert r["error"] is None and r["unchanged"] and r["finite"], r
+        r = world[rank][f"overflow/exclude/{bucket}"]
+        assert r["error"] is None and r["finite"], r
+        assert r["a"] == [1.0] * 8  # rank 1's values only: rank 0 overflowed the wire
+    assert "['a']" in world[0]["overflow/raise/None"]["message"]
+
+
+def test_the_group_still_works_after_every_refusal(world):
+    assert world[0]["after"] == world[1]["after"] == [0.5, 0.5]

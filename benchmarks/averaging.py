@@ -11,6 +11,8 @@ rounds of every variant below after a warm-up, and rank 0 prints the medians:
   floor         one bare dist.all_reduce of a buffer of the same bytes
   floor-bf16    one bare dist.all_reduce of the same count of bf16 values
   avgfn         the default pure update at an averaging step
+  avgfn-no-agree  the default update with Round(agree=False): no per-round check
+  agree         the per-round agreement check alone (one all-reduce of 2 int64)
   avgfn-donate  update(..., donate=True): params written in place
   avgfn-bucket  donate=True with bucket_bytes (async all-reduce per bucket)
   avgfn-bf16    comm_dtype=torch.bfloat16 (pure), error against fp32 reported
@@ -117,8 +119,9 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     avg_bf16 = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16))
     avg_bf16_donate = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16, donate=True))
     avg_bf16_bucket = avgfn.periodic(
-        2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes), 
+        2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes)
     )
+    avg_no_agree = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(agree=False))
     state = avg.init(pure)
 
     holder = {
@@ -141,6 +144,12 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     def run_avgfn():
         out["pure"] = avg.update(pure, state, 0)[0]
 
+    def run_no_agree():
+        out["pure"] = avg_no_agree.update(pure, state, 0)[0]
+
+    def run_agree():
+        reduce.agree(b"\x01" * 8, lambda: [])
+
     def run_donate():
         holder["donated"] = avg_donate.update(holder["donated"], state, 0)[0]
 
@@ -161,6 +170,8 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
         "floor": run_floor,
         "floor-bf16": run_floor_bf16,
         "avgfn": run_avgfn,
+        "avgfn-no-agree": run_no_agree,
+        "agree": run_agree,
         "avgfn-donate": run_donate,
         "avgfn-bucket": run_bucket,
         "avgfn-bf16": run_bf16,

@@ -324,6 +324,7 @@ def outer_options(
     where: _select.Where,
     round: Optional[Round],
     deprecated: Any,
+    nonfinite: Sequence[str] = OUTER_NONFINITE,
 ) -> tuple[Optimizer, Round]:
     """Validate the options the outer-step averagers share; fill in the default outer step."""
     outer = default_outer() if outer_optimizer is None else check_outer_optimizer(
@@ -331,7 +332,7 @@ def outer_options(
     )
     _select.check_where(where)
     rnd = round_options(
-        who, round, deprecated, nonfinite=OUTER_NONFINITE, verify="values", allowed=OUTER_ROUND, stacklevel=4
+        who, round, deprecated, nonfinite=nonfinite, verify="values", allowed=OUTER_ROUND, stacklevel=4
     )
     return outer, rnd
 

@@ -68,6 +68,32 @@ def _lr_value(lr: LearningRate, step: int) -> float:
     return value
 
 
+def _slow_step(
+    state: SlowMoState, averaged: Any, lr_t: float, beta: float, slow_lr: float,
+    nonfinite: str, names: Any, local: list[Any], step: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """fairscale's slow momentum step on the averaged params; ``ok`` False when not finite."""
+    new_globals, new_momentum = [], []
+    for x0, u, x in zip(state.global_params, state.momentum, averaged):
+        x = x.to(x0.dtype)
+        # fairscale: gmb.mul_(beta).sub_(p, alpha=1/lr).add_(old, alpha=1/lr)
+        u = torch.add(torch.sub(torch.mul(u, beta), x, alpha=1 / lr_t), x0, alpha=1 / lr_t)
+        # fairscale: old.add_(gmb, alpha=-lr * slowmo_lr)
+        new_globals.append(torch.add(x0, u, alpha=-lr_t * slow_lr))
+        new_momentum.append(u)
+    ok = all_finite(new_globals + new_momentum)
+    if nonfinite == "raise":
+        eager_check(
+            ok,
+            lambda: NonFiniteError(
+                "slowmo: the averaged params or the slow momentum step are not finite (inf "
+                "or NaN); the slow params and momentum are unchanged (nonfinite='raise')",
+                paths=tuple(n for n, x in zip(names(), local) if not bool(torch.isfinite(x).all())),
+            ).at_step(step),
+        )
+    return new_globals, new_momentum, ok
+
+
 def slowmo(
     period: int,
     *,
@@ -143,10 +169,7 @@ def slowmo(
     """
     period = check_int("period", period, minimum=1)
     check_reduce("reduce", reduce)
-    if callable(lr):
-        lr_spec: LearningRate = lr
-    else:
-        lr_spec = _lr_value(lr, 0)
+    lr_spec: LearningRate = lr if callable(lr) else _lr_value(lr, 0)
     beta = check_float("momentum", momentum)
     slow_lr = check_float("slow_lr", slow_lr)
     if base_period is not None:
@@ -192,32 +215,13 @@ def slowmo(
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):
             averaged, _ = reduce_round(local, reduce, rnd, step=step, names=names, policy=slow_policy)
-        new_globals, new_momentum = [], []
-        for x0, u, x in zip(state.global_params, state.momentum, averaged):
-            x = x.to(x0.dtype)
-            # fairscale: gmb.mul_(beta).sub_(p, alpha=1/lr).add_(old, alpha=1/lr)
-            u = torch.add(torch.sub(torch.mul(u, beta), x, alpha=1 / lr_t), x0, alpha=1 / lr_t)
-            # fairscale: old.add_(gmb, alpha=-lr * slowmo_lr)
-            new_globals.append(torch.add(x0, u, alpha=-lr_t * slow_lr))
-            new_momentum.append(u)
-        ok = all_finite(new_globals + new_momentum)
-        if nonfinite == "raise":
-            eager_check(
-                ok,
-                lambda: NonFiniteError(
-                    "slowmo: the averaged params or the slow momentum step are not finite (inf "
-                    "or NaN); the slow params and momentum are unchanged (nonfinite='raise')",
-                    paths=tuple(n for n, x in zip(names(), local) if not bool(torch.isfinite(x).all())),
-                ).at_step(step),
-            )
+        new_globals, new_momentum, ok = _slow_step(
+            state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step
+        )
         globals_ = tuple(torch.where(ok, n, o) for n, o in zip(new_globals, state.global_params))
         momentum_ = tuple(torch.where(ok, n, o) for n, o in zip(new_momentum, state.momentum))
         new_params = write_back(leaves, spec, chosen, globals_)
-        return new_params, SlowMoState(
-            rounds + slow_bump.to(rounds.device),
-            state.skipped + (~ok).to(state.skipped.dtype),
-            globals_,
-            momentum_,
-        )
+        skipped = state.skipped + (~ok).to(state.skipped.dtype)
+        return new_params, SlowMoState(rounds + slow_bump.to(rounds.device), skipped, globals_, momentum_)
 
     return Averager(init=init, update=update)

@@ -182,6 +182,18 @@ def streaming_diloco(
     period = check_int("period", period, minimum=1)
     check_reduce("reduce", reduce)
     num_fragments = check_int("num_fragments", num_fragments, minimum=1)
+    h, delay, alpha = _check_schedule(period, num_fragments, delay, alpha)
+    outer, rnd = outer_options("streaming_diloco", outer_optimizer, where, round, deprecated)
+    if fragment_of is not None:
+        for value in _tree.tree_leaves(fragment_of):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"fragment_of must be a pytree of ints, it holds {value!r}")
+    streaming = _Streaming(reduce, num_fragments, h, delay, alpha, outer, rnd, fragment_of, where)
+    return Averager(init=streaming.init, update=streaming.update)
+
+
+def _check_schedule(period: int, num_fragments: int, delay: Any, alpha: Any) -> tuple[int, int, float]:
+    """Validate the fragment schedule: ``(h, delay, alpha)`` with ``h = period / num_fragments``."""
     if period % num_fragments:
         raise ValueError(
             f"num_fragments must divide period (one fragment every period / num_fragments steps), "
@@ -199,25 +211,32 @@ def streaming_diloco(
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    outer, rnd = outer_options("streaming_diloco", outer_optimizer, where, round, deprecated)
-    nonfinite, verify = rnd.nonfinite, rnd.verify
-    if fragment_of is not None:
-        for value in _tree.tree_leaves(fragment_of):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"fragment_of must be a pytree of ints, it holds {value!r}")
-    mean = plain_mean(reduce, rnd)
+    return h, delay, alpha
 
-    def fragments(params: Params, leaves: list[Any], spec: Any, chosen: list[int]) -> list[list[int]]:
+
+class _Streaming:
+    """The validated options of one :func:`streaming_diloco` and its two pure functions."""
+
+    def __init__(
+        self, reduce: Reduce, num_fragments: int, h: int, delay: int, alpha: float,
+        outer: Optimizer, rnd: Round, fragment_of: Any, where: Any,
+    ) -> None:  # fmt: skip
+        self.reduce, self.num_fragments, self.h, self.delay, self.alpha = reduce, num_fragments, h, delay, alpha
+        self.outer, self.rnd, self.fragment_of, self.where = outer, rnd, fragment_of, where
+        self.mean = plain_mean(reduce, rnd)
+
+    def fragments(self, params: Params, leaves: list[Any], spec: Any, chosen: list[int]) -> list[list[int]]:
         """For each fragment, the positions (in ``chosen``) of its leaves."""
+        num_fragments = self.num_fragments
         if len(chosen) < num_fragments:
             raise ValueError(
                 f"streaming_diloco: num_fragments={num_fragments} but `where` selects only "
                 f"{len(chosen)} leaves of params; every fragment needs at least one leaf"
             )
-        if fragment_of is None:
+        if self.fragment_of is None:
             owner = split_fragments([leaves[i].numel() for i in chosen], num_fragments)
         else:
-            values, f_spec = _tree.tree_flatten(fragment_of)
+            values, f_spec = _tree.tree_flatten(self.fragment_of)
             if f_spec != spec:
                 raise ValueError(
                     "fragment_of must be a pytree of ints with the structure of params; "
@@ -226,10 +245,9 @@ def streaming_diloco(
             owner = [values[i] for i in chosen]
             for i, k in zip(chosen, owner):
                 if not 0 <= k < num_fragments:
-                    path = _tree.path_of(params, i)
                     raise ValueError(
-                        f"fragment_of assigns the leaf at {path} to fragment {k}, outside "
-                        f"[0, {num_fragments})"
+                        f"fragment_of assigns the leaf at {_tree.path_of(params, i)} to fragment {k}, "
+                        f"outside [0, {num_fragments})"
                     )
         groups: list[list[int]] = [[] for _ in range(num_fragments)]
         for pos, k in enumerate(owner):
@@ -239,104 +257,115 @@ def streaming_diloco(
             raise ValueError(f"fragment_of leaves fragment(s) {empty} without any selected leaf")
         return groups
 
-    def init(params: Params) -> StreamingDiLoCoState:
-        verify_selected(params, where, reduce, verify)
-        leaves, spec, chosen = selected(params, where)
-        groups = fragments(params, leaves, spec, chosen)
+    def init(self, params: Params) -> StreamingDiLoCoState:
+        verify_selected(params, self.where, self.reduce, self.rnd.verify)
+        leaves, spec, chosen = selected(params, self.where)
+        groups = self.fragments(params, leaves, spec, chosen)
         local = [leaves[i] for i in chosen]
         globals_ = snapshot(local)
-        outers = tuple(outer.init(tuple(globals_[j] for j in g)) for g in groups)
+        outers = tuple(self.outer.init(tuple(globals_[j] for j in g)) for g in groups)
         pending = None
-        if delay > 0:
+        if self.delay > 0:
             dtype = globals_[0].dtype
             for g in globals_[1:]:
                 dtype = torch.promote_types(dtype, g.dtype)
             size = max(sum(globals_[j].numel() for j in g) for g in groups)
             pending = torch.zeros(size, dtype=dtype, device=globals_[0].device)
         return StreamingDiLoCoState(
-            counter(local, (num_fragments,)), counter(local), globals_, outers, pending
+            counter(local, (self.num_fragments,)), counter(local), globals_, outers, pending
         )
 
+    def due(self, step: int) -> tuple[Optional[int], Optional[int]]:
+        """``(apply_k, start_k)``: the fragment applied and the one started at ``step``."""
+        h, delay = self.h, self.delay
+        apply_k = ((step + 1) // h - 1) % self.num_fragments if (step + 1) % h == 0 else None
+        start_k = None
+        if delay > 0 and (step + 1 + delay) % h == 0:
+            start_k = ((step + 1 + delay) // h - 1) % self.num_fragments
+        return apply_k, start_k
+
     def update(
-        params: Params, state: StreamingDiLoCoState, step: int
+        self, params: Params, state: StreamingDiLoCoState, step: int
     ) -> tuple[Params, StreamingDiLoCoState]:
         check_state(state, StreamingDiLoCoState, "streaming_diloco")
         check_params(params, "streaming_diloco(...).update")
         step = check_step(step)
-        apply_k = ((step + 1) // h - 1) % num_fragments if (step + 1) % h == 0 else None
-        start_k = None
-        if delay > 0 and (step + 1 + delay) % h == 0:
-            start_k = ((step + 1 + delay) // h - 1) % num_fragments
+        apply_k, start_k = self.due(step)
         if apply_k is None and start_k is None:
             return params, state
-        if (delay > 0) != (state.pending is not None) or len(state.outer) != num_fragments:
+        if (self.delay > 0) != (state.pending is not None) or len(state.outer) != self.num_fragments:
             raise ValueError(
                 "streaming_diloco: the state was made by a streaming_diloco with other "
                 "num_fragments or delay"
             )
-        leaves, spec, chosen = selected(params, where)
-        groups = fragments(params, leaves, spec, chosen)
+        leaves, spec, chosen = selected(params, self.where)
+        groups = self.fragments(params, leaves, spec, chosen)
         local = [leaves[i] for i in chosen]
-        globals_ = state.global_params
-        check_match(globals_, local, "streaming_diloco")
-
+        check_match(state.global_params, local, "streaming_diloco")
         all_names = _tree.lazy_paths(params, chosen)
-
-        def names_of(g: list[int]) -> Any:
-            return lambda: [all_names()[j] for j in g]
-
         if start_k is not None:
-            # Take the fragment's pseudo-gradient now; it is applied `delay` steps later.
             g = groups[start_k]
-            with at_step(step):
-                averaged, _ = mean(
-                    pseudo_gradient([globals_[j] for j in g], [local[j] for j in g]), params, step,
-                    names_of(g),
-                )
-            flat = torch.cat([a.reshape(-1).to(state.pending.dtype) for a in averaged])
-            pad = state.pending.numel() - flat.numel()
-            if pad:
-                flat = torch.cat([flat, flat.new_zeros(pad)])
-            return params, state.replace(pending=flat)
-
+            averaged = self.average(state, local, g, params, step, lambda: [all_names()[j] for j in g])
+            return params, state.replace(pending=self.pad(averaged, state.pending))
         assert apply_k is not None
         g = groups[apply_k]
-        frag_globals = tuple(globals_[j] for j in g)
-        if delay == 0:
-            with at_step(step):
-                averaged, _ = mean(
-                    pseudo_gradient(frag_globals, [local[j] for j in g]), params, step, names_of(g)
-                )
+        names = lambda: [all_names()[j] for j in g]  # noqa: E731
+        if self.delay == 0:
+            averaged = self.average(state, local, g, params, step, names)
         else:
-            averaged, offset = [], 0
-            for x in frag_globals:
-                n = x.numel()
-                averaged.append(state.pending[offset : offset + n].view(x.shape))
-                offset += n
+            averaged = self.unpad(state.pending, [state.global_params[j] for j in g])
+        return self.apply(params, state, leaves, spec, chosen, apply_k, g, averaged, step, names)
+
+    def average(
+        self, state: StreamingDiLoCoState, local: list[Any], g: list[int], params: Params, step: int, names: Any
+    ) -> Any:
+        """The group mean of fragment ``g``'s pseudo-gradient."""
+        with at_step(step):
+            averaged, _ = self.mean(
+                pseudo_gradient([state.global_params[j] for j in g], [local[j] for j in g]), params, step, names
+            )
+        return averaged
+
+    @staticmethod
+    def pad(averaged: Any, pending: torch.Tensor) -> torch.Tensor:
+        """The averaged fragment, flat in ``pending``'s dtype and padded to its size."""
+        flat = torch.cat([a.reshape(-1).to(pending.dtype) for a in averaged])
+        extra = pending.numel() - flat.numel()
+        return torch.cat([flat, flat.new_zeros(extra)]) if extra else flat
+
+    @staticmethod
+    def unpad(pending: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The leaves of a fragment, read back from ``pending``."""
+        out, offset = [], 0
+        for x in like:
+            out.append(pending[offset : offset + x.numel()].view(x.shape))
+            offset += x.numel()
+        return out
+
+    def apply(
+        self, params: Params, state: StreamingDiLoCoState, leaves: list[Any], spec: Any, chosen: list[int],
+        k: int, g: list[int], averaged: Any, step: int, names: Any,
+    ) -> tuple[Params, StreamingDiLoCoState]:  # fmt: skip
+        """Apply fragment ``k``'s outer step and hand its new (mixed) local params back."""
+        frag_globals = tuple(state.global_params[j] for j in g)
         new_frag, new_outer, ok = outer_apply(
-            frag_globals, state.outer[apply_k], averaged, None,
-            outer=outer, nonfinite=nonfinite, who="streaming_diloco", step=step,
-            names=names_of(g), local=[local[j] for j in g],
+            frag_globals, state.outer[k], averaged, None, outer=self.outer, nonfinite=self.rnd.nonfinite,
+            who="streaming_diloco", step=step, names=names, local=[leaves[chosen[j]] for j in g],
         )  # fmt: skip
-        new_globals = list(globals_)
+        new_globals = list(state.global_params)
         new_leaves = list(leaves)
         for j, value in zip(g, new_frag):
             new_globals[j] = value
             i = chosen[j]
-            if alpha:
-                mixed = torch.lerp(value, leaves[i].detach().to(value.dtype), alpha)
+            if self.alpha:
+                mixed = torch.lerp(value, leaves[i].detach().to(value.dtype), self.alpha)
                 value = torch.where(ok, mixed, value)
             new_leaves[i] = to_local(value, leaves[i])
         outers = list(state.outer)
-        outers[apply_k] = new_outer
-        bump = torch.arange(num_fragments, device=state.rounds.device) == apply_k
+        outers[k] = new_outer
+        bump = torch.arange(self.num_fragments, device=state.rounds.device) == k
         new_state = StreamingDiLoCoState(
-            state.rounds + bump,
-            state.skipped + (~ok).to(state.skipped.dtype),
-            tuple(new_globals),
-            tuple(outers),
-            state.pending,
-        )
+            state.rounds + bump, state.skipped + (~ok).to(state.skipped.dtype),
+            tuple(new_globals), tuple(outers), state.pending,
+        )  # fmt: skip
         return _tree.tree_unflatten(new_leaves, spec), new_state
-
-    return Averager(init=init, update=update)

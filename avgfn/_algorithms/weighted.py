@@ -376,8 +376,9 @@ def fedavgm(
       invalid_weights: ``"raise"`` (default) or ``"skip"``, for a round
         whose weights are invalid (see :func:`weighted`).
       round: the :class:`avgfn.Round` options, as in :func:`avgfn.diloco`
-        (``nonfinite`` ``"raise"``, ``"skip"`` or ``"exclude"``; ``verify``
-        defaults to ``"values"``: the clients start from the server's params).
+        (``nonfinite`` ``"raise"`` or ``"skip"``: excluding would need the
+        weights removed too; ``verify`` defaults to ``"values"``: the clients
+        start from the server's params).
       **deprecated: the round options as keywords, their spelling before
         :class:`avgfn.Round`; they warn. ``nonfinite="skip"`` there also
         skips rounds with invalid weights, as it did.
@@ -404,7 +405,9 @@ def fedavgm(
     if deprecated.get("nonfinite") == "skip" and "invalid" not in deprecated:
         invalid_weights = "skip"
     invalid = check_invalid_weights(invalid_weights, deprecated, "fedavgm")
-    outer, rnd = outer_options("fedavgm", sgd(server_lr, momentum=server_momentum), where, round, deprecated)
+    outer, rnd = outer_options(
+        "fedavgm", sgd(server_lr, momentum=server_momentum), where, round, deprecated, ("raise", "skip")
+    )
     wire_round = attrs.evolve(rnd, nonfinite="ignore")
 
     def mean(tensors: tuple[torch.Tensor, ...], params: Params, step: int, names: Names) -> Any:

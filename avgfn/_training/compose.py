@@ -70,6 +70,24 @@ def _where_tree(flag: torch.Tensor, if_true: Any, if_false: Any) -> Any:
     return _tree.tree_unflatten(out, spec)
 
 
+def _inner_step(optimizer: Optimizer, grads: Params, o_state: Any, params: Params, skip: Any) -> tuple[Params, Any]:
+    """The optimizer's step, unless ``skip`` says to keep the params and its state."""
+    if callable(skip) and not isinstance(skip, torch.Tensor):
+        skip = skip(grads)
+    if isinstance(skip, torch.Tensor):
+        if skip.numel() != 1 or skip.dtype != torch.bool:
+            raise TypeError(
+                f"skip must be a bool or a one-element bool tensor, got a {skip.dtype} "
+                f"tensor of shape {tuple(skip.shape)}"
+            )
+        stepped, new_state = optimizer.update(grads, o_state, params)
+        flag = skip.reshape(())
+        return _where_tree(flag, params, stepped), _where_tree(flag, o_state, new_state)
+    if isinstance(skip, bool):
+        return (params, o_state) if skip else optimizer.update(grads, o_state, params)
+    raise TypeError(f"skip must be a bool, a bool tensor or a callable, got {type(skip).__name__} {skip!r}")
+
+
 def with_averaging(
     optimizer: Optimizer,
     averager: Union[Averager, PostLocalSGD],
@@ -169,27 +187,7 @@ def with_averaging(
         g_state = state.gradients
         if gradients is not None:
             grads, g_state = gradients.update(grads, g_state, step)
-        if callable(skip) and not isinstance(skip, torch.Tensor):
-            skip = skip(grads)
-        if isinstance(skip, torch.Tensor):
-            if skip.numel() != 1 or skip.dtype != torch.bool:
-                raise TypeError(
-                    f"skip must be a bool or a one-element bool tensor, got a {skip.dtype} "
-                    f"tensor of shape {tuple(skip.shape)}"
-                )
-            stepped, o_state = optimizer.update(grads, state.optimizer, params)
-            flag = skip.reshape(())
-            new_params = _where_tree(flag, params, stepped)
-            o_state = _where_tree(flag, state.optimizer, o_state)
-        elif isinstance(skip, bool):
-            if skip:
-                new_params, o_state = params, state.optimizer
-            else:
-                new_params, o_state = optimizer.update(grads, state.optimizer, params)
-        else:
-            raise TypeError(
-                f"skip must be a bool, a bool tensor or a callable, got {type(skip).__name__} {skip!r}"
-            )
+        new_params, o_state = _inner_step(optimizer, grads, state.optimizer, params, skip)
         new_params, a_state = averager.update(new_params, state.averager, step)
         return new_params, AveragingState(g_state, o_state, a_state)
 

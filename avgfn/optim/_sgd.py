@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -37,6 +37,95 @@ class SGDState:
 def _step_counter(leaves: list[torch.Tensor]) -> torch.Tensor:
     device = leaves[0].device if leaves else torch.device("cpu")
     return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _check_sgd_options(
+    lr: Union[float, Schedule],
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> tuple[Union[float, Schedule], float, float, float]:
+    """Validate :func:`sgd`'s options, returning ``lr`` and the three floats."""
+    lr = check_lr(lr)
+    momentum = check_float("momentum", momentum)
+    dampening = check_float("dampening", dampening)
+    weight_decay = check_float("weight_decay", weight_decay)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+    if not isinstance(maximize, bool):
+        raise TypeError(f"maximize must be a bool, got {maximize!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            "nesterov momentum requires momentum > 0 and dampening == 0, got "
+            f"momentum={momentum}, dampening={dampening}"
+        )
+    return lr, momentum, dampening, weight_decay
+
+
+def _buffer_leaves(
+    state: SGDState, momentum: float, spec: Any, p_leaves: list[torch.Tensor]
+) -> Optional[list[torch.Tensor]]:
+    """The momentum buffers' leaves, or ``None`` when ``momentum == 0``."""
+    if momentum != 0:
+        if state.momentum_buffer is None:
+            raise ValueError(
+                "sgd.update: the state has no momentum buffers (made by an sgd with "
+                f"momentum=0?) but this sgd has momentum={momentum}"
+            )
+        return flatten_like(
+            "state.momentum_buffer", state.momentum_buffer, spec, p_leaves, "sgd.update"
+        )
+    if state.momentum_buffer is not None:
+        raise ValueError(
+            "sgd.update: the state has momentum buffers (made by an sgd with momentum > 0?) "
+            "but this sgd has momentum=0"
+        )
+    return None
+
+
+def _lr_mover(
+    lr: Union[float, Schedule], step: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A function ``move(p, d)`` that returns ``p - lr * d`` as torch rounds it."""
+    if not callable(lr):
+        return lambda p, d: torch.add(p, d, alpha=-lr)
+    neg_lr = torch.neg(lr_at(lr, step))
+    # Rounded to each param's dtype, as torch's kernel rounds its alpha.
+    neg_lrs: dict[torch.dtype, torch.Tensor] = {}
+
+    def move(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if p.dtype not in neg_lrs:
+            neg_lrs[p.dtype] = neg_lr.to(p.dtype)
+        return torch.addcmul(p, d, neg_lrs[p.dtype])
+
+    return move
+
+
+def _sgd_direction(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    buf: Optional[torch.Tensor],
+    first: Optional[torch.Tensor],
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One leaf's step direction and new momentum buffer (``None`` without momentum)."""
+    if maximize:
+        g = torch.neg(g)
+    if weight_decay != 0:
+        g = torch.add(g, p, alpha=weight_decay)
+    if momentum == 0:
+        return g, None
+    # torch: the first step clones the gradient, later ones
+    # buf.mul_(momentum).add_(grad, alpha=1 - dampening).
+    later = torch.add(torch.mul(buf, momentum), g, alpha=1 - dampening)
+    buf = torch.where(first, g, later)
+    return (torch.add(g, buf, alpha=momentum) if nesterov else buf), buf
 
 
 def sgd(
@@ -91,20 +180,9 @@ def sgd(
       >>> params["w"], int(state.step)
       (tensor([0.4390]), 3)
     """
-    lr = check_lr(lr)
-    scheduled = callable(lr)
-    momentum = check_float("momentum", momentum)
-    dampening = check_float("dampening", dampening)
-    weight_decay = check_float("weight_decay", weight_decay)
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
-    if not isinstance(maximize, bool):
-        raise TypeError(f"maximize must be a bool, got {maximize!r}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(
-            "nesterov momentum requires momentum > 0 and dampening == 0, got "
-            f"momentum={momentum}, dampening={dampening}"
-        )
+    lr, momentum, dampening, weight_decay = _check_sgd_options(
+        lr, momentum, dampening, weight_decay, nesterov, maximize
+    )
 
     def init(params: Params) -> SGDState:
         leaves, spec = flatten_params(params, "sgd.init")
@@ -117,45 +195,19 @@ def sgd(
         check_state_type(state, SGDState, "sgd")
         p_leaves, spec = flatten_params(params, "sgd.update")
         g_leaves = flatten_like("grads", grads, spec, p_leaves, "sgd.update")
-        if momentum != 0:
-            if state.momentum_buffer is None:
-                raise ValueError(
-                    "sgd.update: the state has no momentum buffers (made by an sgd with "
-                    f"momentum=0?) but this sgd has momentum={momentum}"
-                )
-            b_leaves = flatten_like(
-                "state.momentum_buffer", state.momentum_buffer, spec, p_leaves, "sgd.update"
-            )
-            first = state.step == 0
-        elif state.momentum_buffer is not None:
-            raise ValueError(
-                "sgd.update: the state has momentum buffers (made by an sgd with momentum > 0?) "
-                "but this sgd has momentum=0"
-            )
-        if scheduled:
-            neg_lr = torch.neg(lr_at(lr, state.step))
-            # Rounded to each param's dtype, as torch's kernel rounds its alpha.
-            neg_lrs: dict[torch.dtype, torch.Tensor] = {}
+        b_leaves = _buffer_leaves(state, momentum, spec, p_leaves)
+        first = state.step == 0 if b_leaves is not None else None
+        move = _lr_mover(lr, state.step)
         new_params = []
         new_buffers = []
         for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
-            if maximize:
-                g = torch.neg(g)
-            if weight_decay != 0:
-                g = torch.add(g, p, alpha=weight_decay)
-            if momentum != 0:
-                # torch: the first step clones the gradient, later ones
-                # buf.mul_(momentum).add_(grad, alpha=1 - dampening).
-                later = torch.add(torch.mul(b_leaves[i], momentum), g, alpha=1 - dampening)
-                buf = torch.where(first, g, later)
+            buf = b_leaves[i] if b_leaves is not None else None
+            d, buf = _sgd_direction(
+                p, g, buf, first, momentum, dampening, weight_decay, nesterov, maximize
+            )
+            if buf is not None:
                 new_buffers.append(buf)
-                g = torch.add(g, buf, alpha=momentum) if nesterov else buf
-            if scheduled:
-                if p.dtype not in neg_lrs:
-                    neg_lrs[p.dtype] = neg_lr.to(p.dtype)
-                new_params.append(torch.addcmul(p, g, neg_lrs[p.dtype]))
-            else:
-                new_params.append(torch.add(p, g, alpha=-lr))
+            new_params.append(move(p, d))
         buffers = _tree.tree_unflatten(new_buffers, spec) if momentum != 0 else None
         return _tree.tree_unflatten(new_params, spec), SGDState(state.step + 1, buffers)
 

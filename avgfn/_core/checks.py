@@ -63,12 +63,17 @@ def check_reduce(name: str, reduce: Any) -> None:
         raise TypeError(f"{name} must be a callable Tensor -> Tensor, got {reduce!r}")
 
 
+_CONTAINERS = (dict, list, tuple)
+
+
 def check_params(params: Any, who: str) -> Any:
     """Refuse an iterator or generator where a pytree of tensors is expected.
 
     ``model.parameters()`` is a generator: a pytree library sees it as one
     opaque leaf, so it would be averaged as nothing at all.
     """
+    if type(params) in _CONTAINERS:
+        return params
     if isinstance(params, (Iterator, GeneratorType)):
         raise TypeError(
             f"{who}: params must be a pytree of tensors, got a {type(params).__name__} (an iterator "

@@ -158,9 +158,20 @@ class _Done:
         return self.result
 
 
+_GROUP_TYPES: dict[type, bool] = {}
+
+
 def group_of(reduce: Any) -> Optional[GroupReduce]:
-    """``reduce`` as a :class:`GroupReduce` when it is one, else ``None``."""
-    return reduce if isinstance(reduce, GroupReduce) else None
+    """``reduce`` as a :class:`GroupReduce` when it is one, else ``None``.
+
+    The answer is kept per class: checking a runtime protocol reads every
+    member, which would cost more than a small round itself.
+    """
+    kind = type(reduce)
+    known = _GROUP_TYPES.get(kind)
+    if known is None:
+        known = _GROUP_TYPES[kind] = isinstance(reduce, GroupReduce)
+    return reduce if known else None
 
 
 def divisor(reduce: Reduce) -> int:

@@ -34,6 +34,9 @@ from avgfn._core import types as _types
 from avgfn._core.types import Pending, Reduce
 from avgfn._round.options import Round
 
+_SMALL = 1 << 16
+"""Below this many elements per leaf on average, a round packs with one cat."""
+
 # A bucket is a list of pieces (leaf index, first element, end element).
 Piece = tuple[int, int, int]
 
@@ -221,7 +224,14 @@ class Buffers:
         if self.plain:
             buf = torch.cat([self.flats[i][lo:hi] for i, lo, hi in bucket])
             return (buf if buf.dtype == self.wire_dtype else buf.to(self.wire_dtype)), False
-        buf = self.staging(sum(hi - lo for _, lo, hi in bucket), slot)
+        n = sum(hi - lo for _, lo, hi in bucket)
+        buf = self.staging(n, slot)
+        if self.fused and self.residuals is None and n < _SMALL * len(bucket):
+            # Many small leaves: one cat and one division cost fewer calls than
+            # a division per leaf (the same bits: cat, then divide, is torch's).
+            torch.cat([self.flats[i][lo:hi] for i, lo, hi in bucket], out=buf)
+            buf.div_(self.by)
+            return buf, False
         o = 0
         for i, lo, hi in bucket:
             src, dst = self.flats[i][lo:hi], buf[o : o + hi - lo]
@@ -254,14 +264,13 @@ class Buffers:
             if result is not buf:
                 buf.copy_(result)
             return
-        o = 0
-        for i, lo, hi in bucket:
-            piece = result[o : o + hi - lo]
-            o += hi - lo
+        pieces = result.split([hi - lo for _, lo, hi in bucket])
+        for (i, lo, hi), piece in zip(bucket, pieces):
             if self.donate:
                 self.flats[i][lo:hi].copy_(piece)
             elif lo == 0 and hi == self.flats[i].numel():
-                self.outs[i] = piece.to(self.leaves[i].dtype)
+                dtype = self.leaves[i].dtype
+                self.outs[i] = piece if piece.dtype == dtype else piece.to(dtype)
             else:
                 if self.outs[i] is None:
                     self.outs[i] = torch.empty(self.flats[i].numel(), dtype=self.leaves[i].dtype, device=self.device)

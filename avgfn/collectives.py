@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
@@ -22,18 +23,44 @@ from avgfn._core.types import ReduceSchedule
 Timeout = Union[None, float, int, datetime.timedelta]
 
 
+MAX_TIMEOUT_S = (2**31 - 1) / 1000
+"""The longest timeout a round accepts: ``2**31 - 1`` milliseconds (about 24.8 days).
+
+torch hands the timeout of ``Work.wait`` to C++ as milliseconds, and gloo
+waits on a condition variable until ``now + timeout`` in nanoseconds. Past
+about ``9.2e9`` seconds that sum overflows: measured on torch 2.13, a
+pending all-reduce then either times out at once ("Operation timed out!",
+``datetime.timedelta.max`` among them) or never returns. ``2**31 - 1``
+milliseconds (the usual bound of an int32 millisecond timer) is far below
+that and verified to wait as asked.
+"""
+
+
 def _seconds(timeout: Timeout) -> Optional[float]:
+    """``timeout`` in seconds, refusing what the backend cannot honour (``ValueError``)."""
     if timeout is None:
         return None
     if isinstance(timeout, datetime.timedelta):
         value = timeout.total_seconds()
     elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        value = float(timeout)
+        try:
+            value = float(timeout)
+        except OverflowError:  # an int past the range of a float
+            value = math.inf
     else:
         raise TypeError(f"timeout must be None, seconds or a timedelta, got {timeout!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"timeout must be a finite number of seconds, got {timeout!r}")
     if not value > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {value}")
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if value > MAX_TIMEOUT_S:
+        raise ValueError(
+            f"timeout must be at most {MAX_TIMEOUT_S:g} seconds (2**31 - 1 ms, about 24.8 days; "
+            f"a longer wait overflows the backend's clock), got {timeout!r}; "
+            "pass None to keep the group's own timeout"
+        )
     return value
+
 
 __all__ = ["CommHookState", "GroupMean", "all_reduce_mean", "ddp_comm_hook", "hierarchy"]
 
@@ -51,9 +78,9 @@ class GroupMean:
         :class:`avgfn.PeerError` (``None``: the group's own timeout).
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout: Optional[float] = None) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout: Timeout = None) -> None:
         self.group = group
-        self.timeout = timeout
+        self.timeout = _seconds(timeout)
 
     def describe(self) -> str:
         """A short name of the group, for error messages."""
@@ -254,11 +281,18 @@ def all_reduce_mean(group: Optional[dist.ProcessGroup] = None, *, timeout: Timeo
         ``timedelta``); past it, or as soon as the backend reports a dead
         peer, the round raises :class:`avgfn.PeerError` naming the group and
         the timeout (the averagers add the step). ``None`` keeps the group's
-        own timeout (gloo's default is 30 minutes).
+        own timeout (gloo's default is 30 minutes). At most
+        :data:`MAX_TIMEOUT_S` seconds (``2**31 - 1`` ms).
 
     Returns:
       A :class:`GroupMean`, callable as ``reduce(tensor) -> tensor``. It writes
       into its argument (the averagers hand it a buffer of their own).
+
+    Raises:
+      TypeError: ``group`` is not a process group, or ``timeout`` is neither
+        seconds nor a ``timedelta``.
+      ValueError: a ``timeout`` that is not finite, not positive, or longer
+        than :data:`MAX_TIMEOUT_S` (the backend could not honour it).
 
     Examples:
       >>> import tempfile, torch, torch.distributed as dist, avgfn

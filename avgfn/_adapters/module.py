@@ -60,7 +60,9 @@ class LiveAverager:
           step: the 0-based training iteration.
 
         Returns:
-          Whether anything was averaged at this step.
+          Whether a round averaged the live tensors at this step, a round
+          that wrote its average into them (``avgfn.Round(donate=True)``)
+          included.
         """
         step = check_step(step)
         tree = self._tensors()
@@ -72,6 +74,12 @@ class LiveAverager:
                     if new is not old:
                         old.copy_(new)
                         changed = True
+                # A donated round writes the average into the tensors it was
+                # handed and returns those same tensors, in a new tree and with
+                # a new state: the live tensors already hold the average. (An
+                # off-step returns its inputs themselves, so it costs only the
+                # identity test above.)
+                changed = changed or new_state is not self.state
         self.state = new_state
         return changed
 

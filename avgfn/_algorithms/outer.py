@@ -60,9 +60,11 @@ def selected(params: Params, where: _select.Where) -> tuple[list[Any], Any, list
     return leaves, spec, [i for i, chosen in enumerate(mask) if chosen]
 
 
-def verify_selected(params: Params, where: _select.Where, reduce: Reduce, mode: Optional[str]) -> None:
-    check_params(params, "init")
-    check_has_tensor(_tree.tree_leaves(params), "init")
+def verify_selected(
+    params: Params, where: _select.Where, reduce: Reduce, mode: Optional[str], who: str = "outer step"
+) -> None:
+    check_params(params, f"{who}(...).init")
+    check_has_tensor(_tree.tree_leaves(params), f"{who}(...).init")
     """The ``verify`` check at ``init``, on the selected leaves only.
 
     The unselected leaves (a replica's own sample count, local buffers) may
@@ -351,7 +353,7 @@ def outer_averager(
     """The averager behind :func:`diloco` and :func:`avgfn.fedavgm`."""
 
     def init(params: Params) -> DiLoCoState:
-        verify_selected(params, where, reduce, verify)
+        verify_selected(params, where, reduce, verify, who)
         leaves, _, chosen = selected(params, where)
         local = [leaves[i] for i in chosen]
         globals_ = snapshot(local)

@@ -184,7 +184,7 @@ def slowmo(
     slow_bump = torch.tensor([0, 1], dtype=torch.int64)
 
     def init(params: Params) -> SlowMoState:
-        verify_selected(params, where, reduce, verify)
+        verify_selected(params, where, reduce, verify, "slowmo")
         leaves, _, chosen = selected(params, where)
         local = [leaves[i] for i in chosen]
         globals_ = snapshot(local)

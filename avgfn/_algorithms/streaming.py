@@ -258,7 +258,7 @@ class _Streaming:
         return groups
 
     def init(self, params: Params) -> StreamingDiLoCoState:
-        verify_selected(params, self.where, self.reduce, self.rnd.verify)
+        verify_selected(params, self.where, self.reduce, self.rnd.verify, "streaming_diloco")
         leaves, spec, chosen = selected(params, self.where)
         groups = self.fragments(params, leaves, spec, chosen)
         local = [leaves[i] for i in chosen]

@@ -147,7 +147,7 @@ def reduce_round(
             policy, leaves, averaged, watch, local_bad,
             lambda flags: [names()[k] for k, bad in enumerate(flags) if bad], rnd.donate,
         )  # fmt: skip
-        if averaged is leaves or all(a is b for a, b in zip(averaged, leaves)) and not rnd.donate:
+        if averaged is leaves:  # skipped: nothing was averaged
             return leaves, residuals
     if not _types.commit(reduce):
         raise RoundNotCommitted(
@@ -207,10 +207,13 @@ def average_tree(
     res_leaves = None
     if rnd.error_feedback:
         res_leaves = _residual_leaves(residual, leaves)
+    selected = [leaves[i] for i in chosen]
     averaged, new_res = reduce_round(
-        [leaves[i] for i in chosen], reduce, rnd, step=step, names=names, key=(spec, tuple(chosen)),
+        selected, reduce, rnd, step=step, names=names, key=(spec, tuple(chosen)),
         residuals=None if res_leaves is None else [res_leaves[i] for i in chosen],
     )  # fmt: skip
+    if averaged is selected:  # the round was skipped
+        return params, residual
     new_leaves = list(leaves)
     for i, value in zip(chosen, averaged):
         new_leaves[i] = value
@@ -220,8 +223,6 @@ def average_tree(
             if value is not None:
                 res_leaves[i] = value
         new_residual = tuple(r for r in res_leaves if r is not None)
-    if all(new_leaves[i] is leaves[i] for i in chosen) and not rnd.donate:
-        return params, new_residual
     return _tree.tree_unflatten(new_leaves, spec), new_residual
 
 

@@ -131,7 +131,9 @@ def error(
     policy: str, local: list[str], result: list[str], donated: bool = False, wire: bool = False
 ) -> NonFiniteError:
     """The :class:`avgfn.NonFiniteError` of a round: whose values, which leaves."""
-    if local:
+    if local and wire:
+        where = f"this replica holds values that are not finite or too large for the wire dtype at {', '.join(local)}"
+    elif local:
         where = f"this replica holds non-finite values at {', '.join(local)}"
     elif result:
         where = (
@@ -205,6 +207,6 @@ def check_result(
     if watch.finite():
         return averaged
     if policy == "skip" and not donated:
-        return list(originals)
+        return originals
     flags = [not bool(finite([value])) for value in averaged]
     raise error(policy, [] if donated else bad_paths(), result_paths(flags), donated)

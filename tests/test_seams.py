@@ -465,3 +465,52 @@ def test_a_skipped_donated_round_hands_back_the_params_themselves():
     model = torch.nn.Linear(3, 1, bias=False)
     live = avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=reduce, round=avgfn.Round(donate=True, nonfinite="skip")))
     assert live.step(0) is False
+
+
+class _PairOfEquals(avgfn.ForwardingReduce):
+    """A group of two replicas that hold the same values: divide by 2, then the sum doubles."""
+
+    def __init__(self):
+        super().__init__(lambda t: t)
+
+    @property
+    def size(self):
+        return 2
+
+    def divisor(self):
+        return 2
+
+    def start_sum(self, tensor):
+        return _Done(tensor * 2)
+
+    def start(self, tensor):
+        return _Done(tensor.clone())
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def wait(self):
+        return self.value
+
+
+@pytest.mark.parametrize(
+    "rnd",
+    [
+        avgfn.Round(comm_dtype=torch.float16, donate=True),
+        avgfn.Round(comm_dtype=torch.float16, donate=True, bucket_bytes=1 << 20),
+        avgfn.Round(comm_dtype=torch.float16, donate=True, error_feedback=True),
+    ],
+    ids=["small-leaves", "buckets", "error-feedback"],
+)
+def test_a_value_past_the_wire_range_is_refused_on_every_packing_path(rnd):
+    # 1e5 fits an fp16 wire once halved, but some paths cast before they divide
+    params = {"w": torch.full((4,), 1e5), "b": torch.ones(4)}
+    before = {k: v.clone() for k, v in params.items()}
+    avg = avgfn.periodic(2, reduce=_PairOfEquals(), round=rnd)
+    state = avg.init(params)
+    with pytest.raises(avgfn.NonFiniteError, match="too large for the wire dtype at \\['w'\\]"):
+        avg.update(params, state, 0)
+    for k in params:
+        assert torch.equal(params[k], before[k])

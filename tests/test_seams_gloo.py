@@ -48,6 +48,12 @@ def _sizes(rank: int, reduce: Any) -> dict[str, Any]:
     return _outcome(lambda: avgfn.average(params, reduce, where=where), params)
 
 
+def _nothing_selected(rank: int, reduce: Any) -> dict[str, Any]:
+    # rank 0 selects no leaf at all: it must still meet its peer's check, not return early
+    params = {"a": torch.full((3,), float(rank))}
+    return _outcome(lambda: avgfn.average(params, reduce, where={"a": rank == 1}), params)
+
+
 def _desync(rank: int, reduce: Any) -> dict[str, Any]:
     params = {"w": torch.full((4,), float(rank))}
     avg = avgfn.periodic(2, reduce=reduce)
@@ -100,6 +106,7 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
     results = {
         "torch_filter": _torch_filter(rank, reduce),
         "sizes": _sizes(rank, reduce),
+        "nothing": _nothing_selected(rank, reduce),
         "desync": _desync(rank, reduce),
         "diloco": _diloco_selection(rank, reduce),
         "opt_out": _opt_out(rank, reduce),
@@ -116,7 +123,7 @@ def world():
     return run_world(_world, 2, timeout=240)
 
 
-@pytest.mark.parametrize("name", ["torch_filter", "sizes", "diloco"])
+@pytest.mark.parametrize("name", ["torch_filter", "sizes", "diloco", "nothing"])
 def test_replicas_that_select_other_leaves_all_raise_before_anything_is_mixed(world, name):
     for rank in (0, 1):
         r = world[rank][name]

@@ -37,6 +37,7 @@ from avgfn._algorithms.outer import (
 )
 from avgfn._core.errors import NonFiniteError
 from avgfn._core.records import record
+from avgfn._round.agree import agree_round
 from avgfn._round.agree import verify as verify_replicas
 from avgfn.optim._base import check_float
 from avgfn.optim._sgd import sgd
@@ -111,6 +112,9 @@ def weighted_mean(
     under a transform the round is skipped). The second call is made in every
     case, so that all replicas make the same calls.
     """
+    if rnd.agree:  # before the weights move: the replicas agree on the leaves and the step
+        agree_round(list(tensors), reduce, step, names, None)
+        rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
     info = torch.stack([torch.where(bad, torch.zeros_like(weight), weight), bad.to(torch.float64)])
     info = reduce(info)
@@ -292,6 +296,8 @@ def weighted(
             return params, state
         leaves, spec, chosen = selected(params, where)
         if not chosen:
+            if rnd.agree:  # the peers must learn that this replica averages nothing
+                agree_round([], reduce, step, lambda: [], None)
             return params, state.replace(rounds=state.rounds + 1)
         local = tuple(leaves[i] for i in chosen)
         w = _weight_value(weight, params, step, state.rounds.device)

@@ -108,7 +108,7 @@ def agree_round(
     leaves: list[torch.Tensor], reduce: Reduce, step: Optional[int], names: Callable[[], list[str]], key: Any
 ) -> None:
     """Every replica raises unless all average the same leaves at the same ``step``."""
-    if _types.group_of(reduce) is None or traced(leaves[0]):
+    if _types.group_of(reduce) is None or (leaves and traced(leaves[0])):
         return
     structure = _structure(leaves, names, key)
     at = -1 if step is None else step

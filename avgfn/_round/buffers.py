@@ -226,7 +226,7 @@ class Buffers:
             return (buf if buf.dtype == self.wire_dtype else buf.to(self.wire_dtype)), False
         n = sum(hi - lo for _, lo, hi in bucket)
         buf = self.staging(n, slot)
-        if self.fused and self.residuals is None and n < _SMALL * len(bucket):
+        if self.fused and self.residuals is None and self.wire_dtype == self.dtype and n < _SMALL * len(bucket):
             # Many small leaves: one cat and one division cost fewer calls than
             # a division per leaf (the same bits: cat, then divide, is torch's).
             torch.cat([self.flats[i][lo:hi] for i, lo, hi in bucket], out=buf)

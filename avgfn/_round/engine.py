@@ -54,21 +54,25 @@ def _check_leaves(leaves: list[torch.Tensor], rnd: Round, names: Names) -> None:
 
 def _by_device(
     leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, residuals: Any, watch: Any
-) -> tuple[list[torch.Tensor], Any]:
+) -> tuple[list[torch.Tensor], Any, bool]:
+    """Average per device; also say whether any buffer wrote into the donated leaves."""
     dtype = compute_dtype(leaves)
     groups: dict[torch.device, list[int]] = {}
     for i, leaf in enumerate(leaves):
         groups.setdefault(leaf.device, []).append(i)
     out: list[Any] = [None] * len(leaves)
     new_res: Any = None if residuals is None else [None] * len(leaves)
+    wrote = False
     for indices in groups.values():
         part = None if residuals is None else [residuals[i] for i in indices]
-        values, res = Buffers([leaves[i] for i in indices], reduce, rnd, dtype, part, watch).run()
+        buffers = Buffers([leaves[i] for i in indices], reduce, rnd, dtype, part, watch)
+        values, res = buffers.run()
+        wrote = wrote or buffers.donate
         for j, i in enumerate(indices):
             out[i] = values[j]
             if new_res is not None:
                 new_res[i] = None if res is None else res[j]
-    return out, new_res
+    return out, new_res, wrote
 
 
 def _donated_failure(error: PeerError) -> PeerError:
@@ -96,11 +100,15 @@ def _like(leaf: torch.Tensor, value: torch.Tensor, keep: Any) -> torch.Tensor:
     return value
 
 
-def _wire_limit(reduce: Reduce, rnd: Round) -> Optional[float]:
-    """The largest magnitude a leaf may hold before its share overflows the wire dtype."""
+def _wire_limit(rnd: Round) -> Optional[float]:
+    """The largest magnitude a leaf may hold on the wire dtype.
+
+    Some paths cast a value to the wire dtype before they divide it by the
+    group size (error feedback, excluding), so the bound is the dtype's own.
+    """
     if rnd.comm_dtype is None or not rnd.comm_dtype.is_floating_point:
         return None
-    return torch.finfo(rnd.comm_dtype).max * _types.divisor(reduce)
+    return torch.finfo(rnd.comm_dtype).max
 
 
 def reduce_round(
@@ -130,14 +138,14 @@ def reduce_round(
     def local_bad() -> list[str]:
         return [names()[k] for k, leaf in enumerate(leaves) if not bool(_health.finite([leaf], limit))]
 
-    limit = _wire_limit(reduce, rnd)
+    limit = _wire_limit(rnd)
     plan = _health.plan(leaves, reduce, policy, rnd.donate, local_bad, limit)
     if plan.skip:
         return leaves, residuals
     sent = leaves if plan.mask is None else [_zero_unless(plan.mask, leaf) for leaf in leaves]
     watch = _health.Watch() if plan.check and not traced(leaves[0]) else None
     try:
-        averaged, new_res = _by_device(sent, plan.reduce, rnd, residuals, watch)
+        averaged, new_res, wrote = _by_device(sent, plan.reduce, rnd, residuals, watch)
     except PeerError as error:
         raise (_donated_failure(error) if rnd.donate else error) from error
     if plan.mask is not None:
@@ -145,7 +153,7 @@ def reduce_round(
     if plan.check:
         averaged = _health.check_result(
             policy, leaves, averaged, watch, local_bad,
-            lambda flags: [names()[k] for k, bad in enumerate(flags) if bad], rnd.donate,
+            lambda flags: [names()[k] for k, bad in enumerate(flags) if bad], wrote, limit is not None,
         )  # fmt: skip
         if averaged is leaves:  # skipped: nothing was averaged
             return leaves, residuals
@@ -199,6 +207,8 @@ def average_tree(
     mask = _select.selection(where, params, leaves, spec)
     chosen = [i for i, selected in enumerate(mask) if selected]
     if not chosen:
+        if rnd.agree:  # the peers must learn that this replica averages nothing
+            _agree.agree_round([], reduce, step, lambda: [], (spec, ()))
         return params, residual
     names = _tree.lazy_paths(params, chosen)
     _check_leaves([leaves[i] for i in chosen], rnd, names)

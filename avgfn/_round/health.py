@@ -191,6 +191,7 @@ def check_result(
     bad_paths: Callable[[], list[str]],
     result_paths: Callable[[list[bool]], list[str]],
     donated: bool = False,
+    wire: bool = False,
 ) -> list[torch.Tensor]:
     """Refuse a non-finite mean (eager), keep the old values (traced, or ``"skip"``).
 
@@ -209,4 +210,4 @@ def check_result(
     if policy == "skip" and not donated:
         return originals
     flags = [not bool(finite([value])) for value in averaged]
-    raise error(policy, [] if donated else bad_paths(), result_paths(flags), donated)
+    raise error(policy, [] if donated else bad_paths(), result_paths(flags), donated, wire)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
+from _optim_oracle import run_against_torch
 import avgfn
 import avgfn.optim as optim
 
@@ -42,21 +43,7 @@ def _grads(step: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def _run_against_torch(torch_opt_cls, ours, steps, dtype=torch.float32, **kwargs):
     g = torch.Generator().manual_seed(1234)
     init = {k: torch.randn(s, generator=g, dtype=dtype) for k, s in SHAPES.items()}
-    torch_params = [torch.nn.Parameter(v.clone()) for v in init.values()]
-    torch_opt = torch_opt_cls(torch_params, **kwargs)
-    params = {k: v.clone() for k, v in init.items()}
-    state = ours.init(params)
-    for step in range(steps):
-        grads = _grads(step, dtype)
-        for p, grad in zip(torch_params, grads.values()):
-            p.grad = grad.clone()
-        torch_opt.step()
-        params, state = ours.update(grads, state, params)
-        for (name, value), p in zip(params.items(), torch_params):
-            assert torch.equal(value, p.detach()), (
-                f"step {step}, leaf {name}: max |diff| {(value - p.detach()).abs().max().item():.3g}"
-            )
-    return state
+    return run_against_torch(lambda ps: torch_opt_cls(ps, **kwargs), ours, init, lambda step: _grads(step, dtype), steps)
 
 
 @pytest.mark.parametrize("kwargs", SGD_CASES, ids=repr)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
+from _optim_oracle import run_against_torch
 import avgfn
 import avgfn.optim as optim
 
@@ -120,25 +121,11 @@ def test_clip_grad_norm_under_vmap_equals_per_replica():
 # --- clip_by_global_norm before an optimizer, against clip_grad_norm_ + torch.optim ---
 
 def _run_clipped(torch_cls, kwargs, ours, max_norm, steps, norm_type=2.0, dtype=torch.float32):
-    init = _tree(1234, {k: dtype for k in SHAPES})
-    torch_params = [torch.nn.Parameter(v.clone()) for v in init.values()]
-    torch_opt = torch_cls(torch_params, **kwargs)
-    params = {k: v.clone() for k, v in init.items()}
-    state = ours.init(params)
-    for step in range(steps):
-        grads = _grads(step, dtype)
-        before = {k: v.clone() for k, v in grads.items()}
-        for p, grad in zip(torch_params, grads.values()):
-            p.grad = grad.clone()
-        torch.nn.utils.clip_grad_norm_(torch_params, max_norm, norm_type=norm_type)
-        torch_opt.step()
-        params, state = ours.update(grads, state, params)
-        assert all(torch.equal(grads[k], before[k]) for k in grads), "grads were modified"
-        for (name, value), p in zip(params.items(), torch_params):
-            assert torch.equal(value, p.detach()), (
-                f"step {step}, leaf {name}: max |diff| {(value - p.detach()).abs().max().item():.3g}"
-            )
-    return state
+    return run_against_torch(
+        lambda ps: torch_cls(ps, **kwargs), ours, _tree(1234, {k: dtype for k in SHAPES}),
+        lambda step: _grads(step, dtype), steps,
+        before_step=lambda ps: torch.nn.utils.clip_grad_norm_(ps, max_norm, norm_type=norm_type),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1.0, 10.0])
@@ -242,21 +229,7 @@ def test_bad_clip_arguments(call, error, match):
 
 def _run_against_torch(torch_opt_cls, ours, steps, dtype=torch.float32, **kwargs):
     init = _tree(1234, {k: dtype for k in SHAPES})
-    torch_params = [torch.nn.Parameter(v.clone()) for v in init.values()]
-    torch_opt = torch_opt_cls(torch_params, **kwargs)
-    params = {k: v.clone() for k, v in init.items()}
-    state = ours.init(params)
-    for step in range(steps):
-        grads = _grads(step, dtype)
-        for p, grad in zip(torch_params, grads.values()):
-            p.grad = grad.clone()
-        torch_opt.step()
-        params, state = ours.update(grads, state, params)
-        for (name, value), p in zip(params.items(), torch_params):
-            assert torch.equal(value, p.detach()), (
-                f"step {step}, leaf {name}: max |diff| {(value - p.detach()).abs().max().item():.3g}"
-            )
-    return state
+    return run_against_torch(lambda ps: torch_opt_cls(ps, **kwargs), ours, init, lambda step: _grads(step, dtype), steps)
 
 
 ADAM_CASES = [

@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.optim import lr_scheduler as L
 
+from _optim_oracle import run_against_torch
 import avgfn
 import avgfn.optim as optim
 
@@ -209,23 +210,16 @@ def _grads(step, dtype):
 def _run_scheduled(torch_cls, torch_kwargs, make_sched, ours, steps, dtype=torch.float32):
     g = torch.Generator().manual_seed(99)
     init = {k: torch.randn(s, generator=g, dtype=dtype) for k, s in SHAPES.items()}
-    torch_params = [torch.nn.Parameter(v.clone()) for v in init.values()]
-    torch_opt = torch_cls(torch_params, **torch_kwargs)
-    sched = make_sched(torch_opt)
-    params = {k: v.clone() for k, v in init.items()}
-    state = ours.init(params)
-    for step in range(steps):
-        grads = _grads(step, dtype)
-        for p, grad in zip(torch_params, grads.values()):
-            p.grad = grad.clone()
-        torch_opt.step()
-        sched.step()
-        params, state = ours.update(grads, state, params)
-        for (name, value), p in zip(params.items(), torch_params):
-            assert torch.equal(value, p.detach()), (
-                f"step {step}, leaf {name}: max |diff| {(value - p.detach()).abs().max().item():.3g}"
-            )
-    return state
+    scheduler = []
+
+    def make(ps):
+        opt = torch_cls(ps, **torch_kwargs)
+        scheduler.append(make_sched(opt))
+        return opt
+
+    return run_against_torch(
+        make, ours, init, lambda step: _grads(step, dtype), steps, after_step=lambda: scheduler[0].step()
+    )
 
 
 def _warmup_cosine_torch(o):

@@ -9,7 +9,7 @@ import torch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._round.engine import Averaging
-from avgfn._core.types import Averager, Params, Reduce
+from avgfn._core.types import Averager, Params
 from avgfn._core.checks import (
     check_has_tensor,
     check_int,

@@ -76,6 +76,7 @@ class Pending(Protocol):
         ...
 
 
+@runtime_checkable
 class AsyncReduce(Reduce, Protocol):
     """A Reduce that can also be started without waiting for it.
 
@@ -189,10 +190,11 @@ def start_sum(reduce: Reduce, tensor: torch.Tensor) -> Pending:
 def start(reduce: Reduce, tensor: torch.Tensor) -> Pending:
     """Start ``reduce`` on ``tensor``: asynchronously when it can, else at once."""
     group = group_of(reduce)
-    if group is None:
-        begin = getattr(reduce, "start", None)  # an AsyncReduce that is not a whole group
-        return _Done(reduce(tensor)) if begin is None else begin(tensor)
-    return group.start(tensor)
+    if group is not None:
+        return group.start(tensor)
+    if isinstance(reduce, AsyncReduce):  # asynchronous without the rest of a group's capabilities
+        return reduce.start(tensor)
+    return _Done(reduce(tensor))
 
 
 def agree(reduce: Reduce, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> None:

@@ -15,7 +15,7 @@ On any failure the caller's tensors are unchanged, except those it donated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -23,7 +23,6 @@ import torch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core import types as _types
-from avgfn._core.checks import check_params
 from avgfn._core.errors import AveragingError, PeerError, RoundNotCommitted
 from avgfn._core.traced import batched, traced
 from avgfn._core.types import Params, Reduce
@@ -266,10 +265,3 @@ class Averaging:
             return average_tree(params, reduce, self.where, self.round, residual, step)
         except AveragingError as error:
             raise error.at_step(step) from error
-
-
-def named(values: Sequence[Any], names: Sequence[str]) -> Names:
-    """A :data:`Names` over fixed names (for rounds on tensors that are not params)."""
-    del values
-    fixed = list(names)
-    return lambda: fixed

@@ -514,3 +514,17 @@ def test_a_value_past_the_wire_range_is_refused_on_every_packing_path(rnd):
         avg.update(params, state, 0)
     for k in params:
         assert torch.equal(params[k], before[k])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: avgfn.fedavgm(2, reduce=lambda t: t, weight=1.0),
+    lambda: avgfn.diloco(2, reduce=lambda t: t),
+    lambda: avgfn.periodic(2, reduce=lambda t: t),
+], ids=["fedavgm", "diloco", "periodic"])
+def test_a_round_with_no_leaf_selected_passes_through(make):
+    params = {"n": torch.tensor(6)}  # an integer leaf: nothing to average
+    avg = make()
+    state = avg.init(params)
+    for step in (0, 1):
+        out, state = avg.update(params, state, step)
+        assert torch.equal(out["n"], params["n"])

@@ -24,7 +24,6 @@ from avgfn._core.types import Averager, Params, Reduce
 from avgfn._core.checks import check_has_tensor, check_params, check_state, check_step
 from avgfn._core.errors import AveragingError, NonFiniteError
 from avgfn._core.records import record
-from avgfn._round.agree import agree_round
 from avgfn._round.agree import verify as verify_replicas
 from avgfn.optim._base import Optimizer
 from avgfn.optim._sgd import sgd
@@ -179,10 +178,6 @@ def plain_mean(reduce: Reduce, rnd: Round) -> Mean:
 
     def mean(tensors: tuple[torch.Tensor, ...], params: Params, step: int, names: Names) -> Any:
         del params
-        if not tensors:
-            if rnd.agree:  # the peers must learn that this replica averages nothing
-                agree_round([], reduce, step, names, None)
-            return tensors, None
         averaged, _ = reduce_round(
             list(tensors), reduce, rnd, step=step, names=names, key=None, policy=policy
         )

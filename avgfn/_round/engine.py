@@ -130,9 +130,11 @@ def reduce_round(
     when nothing was averaged) and the new residuals.
     """
     policy = rnd.nonfinite if policy is None else policy
-    _check_leaves(leaves, rnd, names)
-    if rnd.agree:
+    if rnd.agree:  # also with no leaf: the peers must learn that this replica averages nothing
         _agree.agree_round(leaves, reduce, step, names, key)
+    if not leaves:
+        return leaves, residuals
+    _check_leaves(leaves, rnd, names)
 
     def local_bad() -> list[str]:
         return [names()[k] for k, leaf in enumerate(leaves) if not bool(_health.finite([leaf], limit))]
@@ -206,8 +208,7 @@ def average_tree(
     mask = _select.selection(where, params, leaves, spec)
     chosen = [i for i, selected in enumerate(mask) if selected]
     if not chosen:
-        if rnd.agree:  # the peers must learn that this replica averages nothing
-            _agree.agree_round([], reduce, step, lambda: [], (spec, ()))
+        reduce_round([], reduce, rnd, step=step, names=lambda: [], key=(spec, ()))
         return params, residual
     names = _tree.lazy_paths(params, chosen)
     _check_leaves([leaves[i] for i in chosen], rnd, names)

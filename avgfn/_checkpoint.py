@@ -73,7 +73,7 @@ def _check_leaf(key: str, template: Any, value: Any) -> Any:
 
 
 def load_state_dict(template_state: Any, state_dict: Mapping[str, Any]) -> Any:
-    """Rebuild a state shaped like ``template_state`` from a :func:`state_dict`.
+    """Rebuild a state shaped like ``template_state`` from a [`state_dict()`][avgfn.state_dict].
 
     Loading is strict: a missing or unknown key, a tensor of another shape or
     dtype, or a scalar of another type raises, and nothing is built. Tensors
@@ -81,7 +81,7 @@ def load_state_dict(template_state: Any, state_dict: Mapping[str, Any]) -> Any:
 
     Args:
       template_state: a state of the same averager (``avg.init(params)``).
-      state_dict: what :func:`state_dict` returned (possibly through
+      state_dict: what [`state_dict()`][avgfn.state_dict] returned (possibly through
         ``torch.save``/``torch.load``).
 
     Returns:

@@ -1,7 +1,7 @@
 """Reduces over real ``torch.distributed`` process groups.
 
 This is the only module of avgfn that imports ``torch.distributed``: the
-algorithms only ever see a :class:`avgfn.Reduce`.
+algorithms only ever see a [`avgfn.Reduce`][avgfn.Reduce].
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ __all__ = ["CommHookState", "GroupMean", "all_reduce_mean", "ddp_comm_hook", "hi
 
 
 class GroupMean:
-    """A :class:`avgfn.Reduce` over a process group: divide, then all-reduce a sum.
+    """A [`avgfn.Reduce`][avgfn.Reduce] over a process group: divide, then all-reduce a sum.
 
     The arithmetic is torch's own in ``average_parameters`` (each rank divides
     by the group size, then the group sums), so results match torch bit for
@@ -75,7 +75,7 @@ class GroupMean:
     Attributes:
       group: the process group (``None``: the default group).
       timeout: seconds a round may wait for its peers before it raises
-        :class:`avgfn.PeerError` (``None``: the group's own timeout).
+        [`avgfn.PeerError`][avgfn.PeerError] (``None``: the group's own timeout).
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout: Timeout = None) -> None:
@@ -126,14 +126,14 @@ class GroupMean:
     def divisor(self) -> int:
         """What each rank divides its values by before the sum (1 outside the group).
 
-        With :meth:`start_sum`, this lets a caller fuse the division into the
+        With `start_sum()`, this lets a caller fuse the division into the
         copy that packs its buffer (``torch.div(leaf, divisor, out=...)``):
-        the same bits as :meth:`start`, one pass over the memory fewer.
+        the same bits as `start()`, one pass over the memory fewer.
         """
         return max(self.size, 1)
 
     def start_sum(self, tensor: torch.Tensor) -> "_PendingMean":
-        """Begin the sum of ``tensor`` (already divided by :meth:`divisor`) over the group."""
+        """Begin the sum of ``tensor`` (already divided by `divisor()`) over the group."""
         group = self._group()
         if dist.get_rank(group) < 0:
             return _PendingMean(self, None, tensor, 0.0)
@@ -149,18 +149,18 @@ class GroupMean:
         return True
 
     def check_replicas(self, digest: bytes, entries: list[tuple[str, str]]) -> None:
-        """:meth:`agree` with the entries given as a list."""
+        """`agree()` with the entries given as a list."""
         self.agree(digest, lambda: entries)
 
     def agree(self, digest: bytes, entries: Any) -> None:
-        """Raise :class:`avgfn.ReplicaMismatchError` on every rank unless all digests agree.
+        """Raise [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] on every rank unless all digests agree.
 
         One all-reduce of two int64 values (the digest and its negation, with
         MAX); only when they disagree, the ``(path, shape dtype)`` entries are
         gathered (as UTF-8 JSON in uint8 tensors: ``all_gather_object`` needs
         NumPy) to report the first difference. A collective: every rank of
         the group must call it; it waits at most ``timeout`` for its peers,
-        then raises :class:`avgfn.PeerError`.
+        then raises [`avgfn.PeerError`][avgfn.PeerError].
         """
         group = self._group()
         if dist.get_rank(group) < 0:
@@ -279,20 +279,20 @@ def all_reduce_mean(group: Optional[dist.ProcessGroup] = None, *, timeout: Timeo
         rank a placeholder), the Reduce returns its input unchanged.
       timeout: how long a round may wait for its peers (seconds or a
         ``timedelta``); past it, or as soon as the backend reports a dead
-        peer, the round raises :class:`avgfn.PeerError` naming the group and
+        peer, the round raises [`avgfn.PeerError`][avgfn.PeerError] naming the group and
         the timeout (the averagers add the step). ``None`` keeps the group's
         own timeout (gloo's default is 30 minutes). At most
-        :data:`MAX_TIMEOUT_S` seconds (``2**31 - 1`` ms).
+        `MAX_TIMEOUT_S` seconds (``2**31 - 1`` ms).
 
     Returns:
-      A :class:`GroupMean`, callable as ``reduce(tensor) -> tensor``. It writes
+      A [`GroupMean`][avgfn.collectives.GroupMean], callable as ``reduce(tensor) -> tensor``. It writes
       into its argument (the averagers hand it a buffer of their own).
 
     Raises:
       TypeError: ``group`` is not a process group, or ``timeout`` is neither
         seconds nor a ``timedelta``.
       ValueError: a ``timeout`` that is not finite, not positive, or longer
-        than :data:`MAX_TIMEOUT_S` (the backend could not honour it).
+        than `MAX_TIMEOUT_S` (the backend could not honour it).
 
     Examples:
       >>> import tempfile, torch, torch.distributed as dist, avgfn
@@ -321,7 +321,7 @@ def hierarchy(
     *,
     timeout: Timeout = None,
 ) -> list[tuple[int, GroupMean]]:
-    """Build the levels of :func:`avgfn.hierarchical` on real process groups.
+    """Build the levels of [`avgfn.hierarchical()`][avgfn.hierarchical] on real process groups.
 
     The groups are made exactly as torch's ``HierarchicalModelAverager`` makes
     them: a level whose size is that of ``group`` uses ``group`` itself; any
@@ -334,10 +334,10 @@ def hierarchy(
         ``period_group_size_dict``, or ``(period, size)`` pairs), in strictly
         increasing period. The last size must be the size of ``group``.
       group: the overall group; ``None`` means the default group.
-      timeout: as in :func:`all_reduce_mean`, for every level.
+      timeout: as in [`all_reduce_mean()`][avgfn.collectives.all_reduce_mean], for every level.
 
     Returns:
-      ``[(period, reduce), ...]``, ready for :func:`avgfn.hierarchical`.
+      ``[(period, reduce), ...]``, ready for [`avgfn.hierarchical()`][avgfn.hierarchical].
 
     Raises:
       ValueError: empty or non-increasing periods, a first period ``<= 0``, a
@@ -366,10 +366,10 @@ def hierarchy(
 
 
 class CommHookState:
-    """State of :func:`ddp_comm_hook`: the schedule and where the step comes from.
+    """State of [`ddp_comm_hook()`][avgfn.collectives.ddp_comm_hook]: the schedule and where the step comes from.
 
     Attributes:
-      gradients: the :class:`avgfn.GradientSchedule`.
+      gradients: the [`avgfn.GradientSchedule`][avgfn.GradientSchedule].
       step: a callable returning the current 0-based iteration, or ``None``.
       iteration: the hook's own iteration counter, used when ``step`` is
         ``None``: advanced after the last bucket of each backward pass, as
@@ -427,21 +427,21 @@ def _post_local_hook(state, bucket):  # noqa: ANN001, ANN202
 def ddp_comm_hook(gradients: Any, *, step: Optional[Any] = None) -> tuple[CommHookState, Any]:
     """A DDP communication hook that averages gradients as a gradient schedule says.
 
-    The DDP twin of :meth:`avgfn.GradientSchedule.update`, and the equivalent
+    The DDP twin of [`avgfn.GradientSchedule.update()`][avgfn.GradientSchedule.update], and the equivalent
     of torch's ``PostLocalSGDState`` + ``post_localSGD_hook``: at iteration
     ``step``, each gradient bucket is averaged over
     ``gradients.reduce_at(step)`` (the global Reduce before the switch step,
-    then the local one, or none). A Reduce from :func:`all_reduce_mean` runs
+    then the local one, or none). A Reduce from [`all_reduce_mean()`][avgfn.collectives.all_reduce_mean] runs
     asynchronously, as DDP's own all-reduce does; any other Reduce is called
     synchronously on the bucket.
 
     One counter: pass ``step=lambda: opt.iteration`` with an
-    :class:`avgfn.AveragingOptimizer` ``opt``, and the hook and the parameter
+    [`avgfn.AveragingOptimizer`][avgfn.AveragingOptimizer] ``opt``, and the hook and the parameter
     averaging read the same counter (which ``opt.state_dict()`` saves). Without
     ``step``, the hook counts backward passes itself, as torch's does.
 
     Args:
-      gradients: an :class:`avgfn.GradientSchedule` (``post_local_sgd(...).gradients``)
+      gradients: an [`avgfn.GradientSchedule`][avgfn.GradientSchedule] (``post_local_sgd(...).gradients``)
         with ``where=None`` (DDP averages every gradient).
       step: a callable returning the current 0-based iteration, or ``None``.
 

@@ -1,7 +1,7 @@
 """A ``torch.optim.Optimizer`` wrapper: torch's ``PostLocalSGDOptimizer`` on avgfn.
 
-It owns the one step counter of the algorithm (:attr:`AveragingOptimizer.iteration`),
-which :func:`avgfn.collectives.ddp_comm_hook` can read too, and its
+It owns the one step counter of the algorithm (`AveragingOptimizer.iteration`),
+which [`avgfn.collectives.ddp_comm_hook()`][avgfn.collectives.ddp_comm_hook] can read too, and its
 ``state_dict`` carries the averager's state, so a checkpoint restores the
 whole algorithm.
 """
@@ -24,16 +24,16 @@ class AveragingOptimizer(torch.optim.Optimizer):
     """Wrap a ``torch.optim.Optimizer``: step it, then average the params when due.
 
     The equivalent of torch's ``PostLocalSGDOptimizer(optim, averager)``:
-    :meth:`step` runs ``optimizer.step()`` and then the averaging due at
-    :attr:`iteration` (the 0-based index of this step), and advances
-    :attr:`iteration` by one. With ``avgfn.periodic`` or ``avgfn.hierarchical``
-    (or :func:`avgfn.post_local_sgd`'s averager) it reproduces torch's
+    `step()` runs ``optimizer.step()`` and then the averaging due at
+    `iteration` (the 0-based index of this step), and advances
+    `iteration` by one. With ``avgfn.periodic`` or ``avgfn.hierarchical``
+    (or [`avgfn.post_local_sgd()`][avgfn.post_local_sgd]'s averager) it reproduces torch's
     ``PeriodicModelAverager`` / ``HierarchicalModelAverager`` bit for bit.
 
     Differences from torch's wrapper:
 
-    * :meth:`state_dict` stores the averager's whole state and the counter
-      under the key ``"avgfn"``, and :meth:`load_state_dict` is strict: a
+    * [`state_dict()`][avgfn.state_dict] stores the averager's whole state and the counter
+      under the key ``"avgfn"``, and [`load_state_dict()`][avgfn.load_state_dict] is strict: a
       checkpoint without it, from another inner optimizer class or from
       another averaging algorithm raises ``ValueError`` and changes nothing
       (torch's warns and restarts its counter at 0).
@@ -47,15 +47,15 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     Args:
       optimizer: the local optimizer.
-      averager: an :class:`avgfn.ModuleAverager` (averages a module's
-        parameters, with a buffer policy), or a plain :class:`avgfn.Averager`,
+      averager: an [`avgfn.ModuleAverager`][avgfn.ModuleAverager] (averages a module's
+        parameters, with a buffer policy), or a plain [`avgfn.Averager`][avgfn.Averager],
         which then averages the parameters of ``optimizer.param_groups`` in
         group order, as torch's wrapper does.
 
     Attributes:
       optimizer: the wrapped optimizer.
-      averager: the :class:`avgfn.ModuleAverager` (or equivalent) it drives.
-      iteration: the index of the next :meth:`step` (the number of steps taken).
+      averager: the [`avgfn.ModuleAverager`][avgfn.ModuleAverager] (or equivalent) it drives.
+      iteration: the index of the next `step()` (the number of steps taken).
 
     Examples:
       >>> import torch, avgfn
@@ -105,7 +105,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
     def step(  # type: ignore[override]
         self, closure: Optional[Callable[[], float]] = None, *, scaler: Any = None
     ) -> Optional[float]:
-        """Run the inner step, then the averaging due at :attr:`iteration`; advance it.
+        """Run the inner step, then the averaging due at `iteration`; advance it.
 
         Args:
           closure: passed to the inner ``optimizer.step`` (not with ``scaler``).
@@ -151,7 +151,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore a :meth:`state_dict`: strict, and all or nothing.
+        """Restore a [`state_dict()`][avgfn.state_dict]: strict, and all or nothing.
 
         Raises:
           ValueError: no ``"avgfn"`` entry (a plain optimizer's or torch's

@@ -1,6 +1,6 @@
 """Driving a pure averager against a live ``nn.Module``: avgfn's one impure edge.
 
-Everything else in avgfn returns new tensors. :class:`ModuleAverager` is where
+Everything else in avgfn returns new tensors. [`ModuleAverager`][avgfn.ModuleAverager] is where
 those new values are written back into a module's own parameters (and,
 if asked, buffers), in place, so that the optimizer, DDP and any other
 holder of a reference to those tensors sees them.
@@ -23,9 +23,9 @@ _POLICIES = ("local", "average", "ignore")
 
 
 class LiveAverager:
-    """Drives an :class:`avgfn.Averager` over live tensors, writing results in place.
+    """Drives an [`avgfn.Averager`][avgfn.Averager] over live tensors, writing results in place.
 
-    The base of :class:`ModuleAverager`; :class:`avgfn.AveragingOptimizer` also
+    The base of [`ModuleAverager`][avgfn.ModuleAverager]; [`avgfn.AveragingOptimizer`][avgfn.AveragingOptimizer] also
     uses it directly over an optimizer's ``param_groups``.
 
     Args:
@@ -84,7 +84,7 @@ class LiveAverager:
         return changed
 
     def state_dict(self) -> dict[str, Any]:
-        """The averager's state as a flat dict (see :func:`avgfn.state_dict`), tagged with its type."""
+        """The averager's state as a flat dict (see [`avgfn.state_dict()`][avgfn.state_dict]), tagged with its type."""
         return {"state_type": type(self.state).__qualname__, "state": state_dict(self.state)}
 
     def loaded_state(self, checkpoint: Mapping[str, Any]) -> Any:
@@ -103,7 +103,7 @@ class LiveAverager:
         return load_state_dict(self.state, checkpoint["state"])
 
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict`; strict, and all or nothing."""
+        """Restore the state saved by [`state_dict()`][avgfn.state_dict]; strict, and all or nothing."""
         self.state = self.loaded_state(checkpoint)
 
     def __repr__(self) -> str:
@@ -115,9 +115,9 @@ def _keys(obj: Any) -> Any:
 
 
 class ModuleAverager(LiveAverager):
-    """Drive an :class:`avgfn.Averager` against a live ``nn.Module``, in place.
+    """Drive an [`avgfn.Averager`][avgfn.Averager] against a live ``nn.Module``, in place.
 
-    This is avgfn's one impure edge: :meth:`step` runs the pure
+    This is avgfn's one impure edge: `step()` runs the pure
     ``averager.update`` on the module's own parameter tensors
     (``dict(module.named_parameters())``, so a ``where`` tree or the param
     order follow ``named_parameters``) and copies the averaged values back into
@@ -142,7 +142,7 @@ class ModuleAverager(LiveAverager):
     Args:
       module: the model (an ``nn.Module``; a DDP wrapper works too).
       averager: the pure averager, e.g. ``avgfn.periodic(...)`` or the
-        ``.averager`` of :func:`avgfn.post_local_sgd`.
+        ``.averager`` of [`avgfn.post_local_sgd()`][avgfn.post_local_sgd].
       buffers: ``"local"``, ``"average"`` or ``"ignore"``.
 
     Examples:

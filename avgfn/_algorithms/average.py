@@ -32,18 +32,18 @@ def average(
     Args:
       params: a pytree of tensors (other leaves pass through unless selected).
         An iterator such as ``model.parameters()`` is refused.
-      reduce: the mean over the group (see :class:`avgfn.Reduce`);
+      reduce: the mean over the group (see [`avgfn.Reduce`][avgfn.Reduce]);
         ``avgfn.collectives.all_reduce_mean()`` on a process group,
         ``avgfn.simulate.replica_mean()`` under ``vmap``.
       where: ``None`` (every floating-point tensor), a callable ``leaf -> bool``
         (torch's own filter is ``lambda p: p.grad is not None``), or a pytree
         of bools shaped like ``params``.
-      round: the :class:`avgfn.Round` options (donation, buckets, wire dtype,
+      round: the [`avgfn.Round`][avgfn.Round] options (donation, buckets, wire dtype,
         ``nonfinite`` in ``"raise"``, ``"skip"``, ``"exclude"``, ``"ignore"``,
         the agreement check). ``error_feedback`` needs a state: use
-        :func:`avgfn.periodic` for it.
+        [`avgfn.periodic()`][avgfn.periodic] for it.
       **deprecated: the same options as keywords (``donate=True``...), their
-        spelling before :class:`avgfn.Round`; they warn.
+        spelling before [`avgfn.Round`][avgfn.Round]; they warn.
 
     Returns:
       A new params tree with the selected leaves averaged.

@@ -13,7 +13,7 @@ __all__ = ["ChainState", "chain"]
 
 @record
 class ChainState:
-    """State of :func:`chain`.
+    """State of [`chain()`][avgfn.chain].
 
     Attributes:
       states: a tuple with each averager's state, in order.
@@ -35,14 +35,14 @@ def chain(*averagers: Averager) -> Averager:
     come back as the same objects.
 
     Args:
-      *averagers: at least one :class:`avgfn.Averager`.
+      *averagers: at least one [`avgfn.Averager`][avgfn.Averager].
 
     Returns:
-      An :class:`avgfn.Averager` whose state is a :class:`ChainState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is a `ChainState`.
 
     Raises:
       ValueError: no averager.
-      TypeError: an argument that is not an :class:`avgfn.Averager`.
+      TypeError: an argument that is not an [`avgfn.Averager`][avgfn.Averager].
 
     Examples:
       >>> import torch, avgfn

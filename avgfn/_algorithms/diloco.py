@@ -41,16 +41,16 @@ def diloco(
 
     Args:
       period: the number of local steps between two outer steps (``H``), ``>= 1``.
-      reduce: the mean over the group (see :class:`avgfn.Reduce`).
-      outer_optimizer: any :class:`avgfn.optim.Optimizer`; default
+      reduce: the mean over the group (see [`avgfn.Reduce`][avgfn.Reduce]).
+      outer_optimizer: any [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer]; default
         ``avgfn.optim.sgd(0.7, momentum=0.9, nesterov=True)``, the paper's.
-      where: which leaves are synchronized (see :func:`avgfn.average`); the
+      where: which leaves are synchronized (see [`avgfn.average()`][avgfn.average]); the
         others pass through untouched.
-      round: the :class:`avgfn.Round` options of the pseudo-gradient's round:
+      round: the [`avgfn.Round`][avgfn.Round] options of the pseudo-gradient's round:
         ``comm_dtype``, ``bucket_bytes``, the per-round agreement, ``verify``
         (default ``"values"``: the replicas must start from identical values
         of the selected leaves) and ``nonfinite``, one of ``"raise"``
-        (default: every replica raises :class:`avgfn.NonFiniteError` and
+        (default: every replica raises [`avgfn.NonFiniteError`][avgfn.NonFiniteError] and
         nothing changes; under ``vmap`` or ``torch.compile`` the round is
         skipped instead), ``"skip"`` (the global params and outer state are
         kept, the local params restart from them, ``state.skipped`` counts
@@ -58,15 +58,15 @@ def diloco(
         are averaged among themselves). The global params are never
         corrupted; the global copy is never donated.
       **deprecated: the round options as keywords (``nonfinite="skip"``...),
-        their spelling before :class:`avgfn.Round`; they warn.
+        their spelling before [`avgfn.Round`][avgfn.Round]; they warn.
 
     Returns:
-      An :class:`avgfn.Averager` whose state is a :class:`DiLoCoState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is a [`DiLoCoState`][avgfn.DiLoCoState].
 
     Raises:
       ValueError: ``period < 1``, an unknown ``nonfinite`` or ``verify``.
       TypeError: a non-int ``period``, a non-callable ``reduce``, an
-        ``outer_optimizer`` that is not an :class:`avgfn.optim.Optimizer`.
+        ``outer_optimizer`` that is not an [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer].
       NonFiniteError: from ``update``, with ``nonfinite="raise"``.
 
     Examples:

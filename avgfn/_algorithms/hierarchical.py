@@ -25,11 +25,11 @@ from avgfn._round.options import NONFINITE, Round, round_options
 
 @record
 class HierarchicalState:
-    """State of :func:`hierarchical`.
+    """State of [`hierarchical()`][avgfn.hierarchical].
 
     Attributes:
       rounds: int64 vector, the averaging rounds done so far at each level.
-      residual: the error-feedback residual (see :class:`PeriodicState`).
+      residual: the error-feedback residual (see [`PeriodicState`][avgfn.PeriodicState]).
     """
 
     rounds: torch.Tensor
@@ -57,16 +57,16 @@ def hierarchical(
         mapping ``period -> reduce``. ``avgfn.collectives.hierarchy`` and
         ``avgfn.simulate.hierarchy`` build them from group sizes.
       warmup_steps: steps before the first averaging, ``>= 0``.
-      where: which leaves to average (see :func:`avgfn.average`).
-      round: the :class:`avgfn.Round` options of each round (donation,
+      where: which leaves to average (see [`avgfn.average()`][avgfn.average]).
+      round: the [`avgfn.Round`][avgfn.Round] options of each round (donation,
         buckets, wire dtype, error feedback, ``nonfinite`` policy, the
         ``verify`` check at ``init``, through the largest level's group, the per-round agreement). Accepts every
         ``nonfinite`` policy: ``"raise"``, ``"skip"``, ``"exclude"``, ``"ignore"``.
       **deprecated: the round options as keywords (``donate=True``...), their
-        spelling before :class:`avgfn.Round`; they warn.
+        spelling before [`avgfn.Round`][avgfn.Round]; they warn.
 
     Returns:
-      An :class:`avgfn.Averager` whose state is a :class:`HierarchicalState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is a [`HierarchicalState`][avgfn.HierarchicalState].
 
     Raises:
       ValueError: empty or non-increasing ``levels``, a first period ``<= 0``,

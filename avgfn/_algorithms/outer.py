@@ -39,7 +39,7 @@ that is False when the round is invalid (for example, all weights zero)."""
 
 
 def check_outer_optimizer(name: str, value: Any) -> Optimizer:
-    """Validate an outer optimizer argument (an :class:`avgfn.optim.Optimizer`)."""
+    """Validate an outer optimizer argument (an [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer])."""
     if not isinstance(value, Optimizer):
         raise TypeError(
             f"{name} must be an avgfn.optim.Optimizer (e.g. avgfn.optim.sgd(0.7, momentum=0.9, "
@@ -81,7 +81,7 @@ def verify_selected(
 
 
 def snapshot(leaves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Fresh copies of ``leaves`` in their :func:`master_dtype` (never aliases)."""
+    """Fresh copies of ``leaves`` in their `master_dtype()` (never aliases)."""
     return tuple(leaf.detach().to(master_dtype(leaf.dtype), copy=True) for leaf in leaves)
 
 
@@ -127,7 +127,7 @@ def eager_check(ok: torch.Tensor, error: Callable[[], BaseException]) -> None:
 
 
 def at_step(step: int) -> Any:
-    """A context that names ``step`` in the :class:`avgfn.AveragingError` it lets through."""
+    """A context that names ``step`` in the [`avgfn.AveragingError`][avgfn.AveragingError] it lets through."""
     return _AtStep(step)
 
 
@@ -233,7 +233,7 @@ def outer_apply(
     tensor, False when the round was skipped (a non-finite mean or step, or
     ``valid`` False): then the global copy and the outer state come back
     unchanged. With ``nonfinite="raise"`` a non-finite value raises
-    :class:`avgfn.NonFiniteError` instead, except under a transform. The
+    [`avgfn.NonFiniteError`][avgfn.NonFiniteError] instead, except under a transform. The
     decision is taken on values every replica shares (the mean, and the outer
     step applied to it), so all replicas raise or skip together.
     """
@@ -271,7 +271,7 @@ def outer_round(
     step: int,
     names: Names,
 ) -> tuple[tuple[torch.Tensor, ...], Any, torch.Tensor]:
-    """One outer round: average ``global - local``, then :func:`outer_apply`."""
+    """One outer round: average ``global - local``, then `outer_apply()`."""
     with at_step(step):
         averaged, valid = mean(pseudo_gradient(globals_, local), params, step, names)
     return outer_apply(
@@ -292,12 +292,12 @@ def write_back(
 
 @record
 class DiLoCoState:
-    """State of :func:`diloco` (and of :func:`avgfn.fedavgm`).
+    """State of [`diloco()`][avgfn.diloco] (and of [`avgfn.fedavgm()`][avgfn.fedavgm]).
 
     Attributes:
       rounds: int64 count of the outer rounds done (skipped ones included).
       skipped: int64 count of the rounds skipped for a non-finite
-        pseudo-gradient (or, for :func:`avgfn.fedavgm`, invalid weights).
+        pseudo-gradient (or, for [`avgfn.fedavgm()`][avgfn.fedavgm], invalid weights).
       global_params: the global copy of the params: a tuple with one tensor
         per selected leaf, in tree order, in at least float32.
       outer: the outer optimizer's state over ``global_params``.
@@ -315,7 +315,7 @@ def default_outer() -> Optimizer:
 
 
 OUTER_ROUND = ("bucket_bytes", "comm_dtype", "nonfinite", "verify", "agree")
-"""The :class:`avgfn.Round` options an outer step honours (its global copy is never donated)."""
+"""The [`avgfn.Round`][avgfn.Round] options an outer step honours (its global copy is never donated)."""
 
 
 def outer_options(
@@ -348,7 +348,7 @@ def outer_averager(
     nonfinite: str,
     verify: Optional[str],
 ) -> Averager:
-    """The averager behind :func:`diloco` and :func:`avgfn.fedavgm`."""
+    """The averager behind [`diloco()`][avgfn.diloco] and [`avgfn.fedavgm()`][avgfn.fedavgm]."""
 
     def init(params: Params) -> DiLoCoState:
         verify_selected(params, where, reduce, verify, who)

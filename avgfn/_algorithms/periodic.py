@@ -28,7 +28,7 @@ from avgfn._round.options import NONFINITE, Round, round_options
 
 @record
 class PeriodicState:
-    """State of :func:`periodic`.
+    """State of [`periodic()`][avgfn.periodic].
 
     Attributes:
       rounds: int64 count of the averaging rounds done so far.
@@ -60,18 +60,18 @@ def periodic(
 
     Args:
       period: steps between two averagings, ``>= 1`` (``1`` warns, as torch does).
-      reduce: the mean over the group (see :class:`avgfn.Reduce`).
+      reduce: the mean over the group (see [`avgfn.Reduce`][avgfn.Reduce]).
       warmup_steps: steps before the first averaging, ``>= 0``.
-      where: which leaves to average (see :func:`avgfn.average`).
-      round: the :class:`avgfn.Round` options of each round (donation,
+      where: which leaves to average (see [`avgfn.average()`][avgfn.average]).
+      round: the [`avgfn.Round`][avgfn.Round] options of each round (donation,
         buckets, wire dtype, error feedback, ``nonfinite`` policy, the
         ``verify`` check at ``init``, the per-round agreement). Accepts every
         ``nonfinite`` policy: ``"raise"``, ``"skip"``, ``"exclude"``, ``"ignore"``.
       **deprecated: the round options as keywords (``donate=True``...), their
-        spelling before :class:`avgfn.Round`; they warn.
+        spelling before [`avgfn.Round`][avgfn.Round]; they warn.
 
     Returns:
-      An :class:`avgfn.Averager` whose state is a :class:`PeriodicState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is a [`PeriodicState`][avgfn.PeriodicState].
 
     Raises:
       ValueError: ``period < 1`` or ``warmup_steps < 0``.

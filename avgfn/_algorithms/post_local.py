@@ -3,7 +3,7 @@
 torch splits post-local SGD across a DDP communication hook
 (``PostLocalSGDState(start_localSGD_iter=...)``) and a model averager
 (``PeriodicModelAverager(warmup_steps=...)``), two objects whose counters the
-user keeps equal by hand. Here :func:`post_local_sgd` builds both halves from
+user keeps equal by hand. Here [`post_local_sgd()`][avgfn.post_local_sgd] builds both halves from
 one ``start_step``, and both read the same ``step`` argument.
 """
 
@@ -32,7 +32,7 @@ _GRADIENT_ROUND = Round(nonfinite="ignore")
 
 @record
 class GradientScheduleState:
-    """State of a :class:`GradientSchedule`.
+    """State of a [`GradientSchedule`][avgfn.GradientSchedule].
 
     Attributes:
       rounds: int64 vector ``[global, local]``: how many times the gradients
@@ -64,7 +64,7 @@ class GradientSchedule:
       reduce_at: ``reduce_at(step) -> Reduce | None``: the Reduce ``update``
         uses at ``step`` (what a DDP communication hook needs).
       start_step: the first step of the local phase.
-      where: the gradient selection (see :func:`avgfn.average`).
+      where: the gradient selection (see [`avgfn.average()`][avgfn.average]).
     """
 
     init: Callable[[Params], GradientScheduleState]
@@ -90,7 +90,7 @@ def post_local_gradients(
     ``post_local_gradient_allreduce=False`` (no gradient averaging at all in
     the local phase).
 
-    Most users want :func:`post_local_sgd`, which also builds the matching
+    Most users want [`post_local_sgd()`][avgfn.post_local_sgd], which also builds the matching
     parameter averager.
 
     Args:
@@ -102,10 +102,10 @@ def post_local_gradients(
         ``start_step``. There is no default: torch's ``subgroup=None`` means
         "one group per node", avgfn's ``None`` means "no group", so the choice
         is spelled out.
-      where: which gradient leaves to average (see :func:`avgfn.average`).
+      where: which gradient leaves to average (see [`avgfn.average()`][avgfn.average]).
 
     Returns:
-      A :class:`GradientSchedule`.
+      A [`GradientSchedule`][avgfn.GradientSchedule].
 
     Raises:
       ValueError: ``start_step < 0``.
@@ -163,9 +163,9 @@ class PostLocalSGD:
 
     Attributes:
       start_step: the first step of the local phase.
-      gradients: the :class:`GradientSchedule` (global, then local averaging
+      gradients: the [`GradientSchedule`][avgfn.GradientSchedule] (global, then local averaging
         of the gradients).
-      averager: the :class:`avgfn.Averager` of the params, whose warm-up is
+      averager: the [`avgfn.Averager`][avgfn.Averager] of the params, whose warm-up is
         ``start_step``.
     """
 
@@ -206,23 +206,23 @@ def post_local_sgd(
       local_reduce: the mean over a local group (e.g. one node), or ``None``
         for no gradient averaging in the local phase (torch's
         ``post_local_gradient_allreduce=False``). Required, see
-        :func:`post_local_gradients`.
+        [`post_local_gradients()`][avgfn.post_local_gradients].
       period: average the params over ``global_reduce`` every ``period``
-        steps from ``start_step`` (:func:`avgfn.periodic`).
+        steps from ``start_step`` ([`avgfn.periodic()`][avgfn.periodic]).
       levels: instead of ``period``: ``(period, reduce)`` levels for
-        :func:`avgfn.hierarchical` (``avgfn.collectives.hierarchy`` builds
+        [`avgfn.hierarchical()`][avgfn.hierarchical] (``avgfn.collectives.hierarchy`` builds
         them), with ``start_step`` as the warm-up.
       where: which leaves (gradients and params alike) are replicated and
-        averaged (see :func:`avgfn.average`).
-      **averager_options: passed on to :func:`avgfn.periodic` or
-        :func:`avgfn.hierarchical` (their options for the parameter rounds).
+        averaged (see [`avgfn.average()`][avgfn.average]).
+      **averager_options: passed on to [`avgfn.periodic()`][avgfn.periodic] or
+        [`avgfn.hierarchical()`][avgfn.hierarchical] (their options for the parameter rounds).
 
     Returns:
-      A :class:`PostLocalSGD` with ``.gradients`` and ``.averager``.
+      A [`PostLocalSGD`][avgfn.PostLocalSGD] with ``.gradients`` and ``.averager``.
 
     Raises:
       ValueError: ``start_step < 0``, both or neither of ``period`` and
-        ``levels``, or what :func:`avgfn.periodic` / :func:`avgfn.hierarchical`
+        ``levels``, or what [`avgfn.periodic()`][avgfn.periodic] / [`avgfn.hierarchical()`][avgfn.hierarchical]
         refuse.
       TypeError: a non-callable Reduce or a non-int step or period.
 
@@ -259,7 +259,7 @@ def post_local_sgd(
 
 
 def unpack(averager: Any, gradients: Any, who: str) -> tuple[Any, Any]:
-    """``(averager, gradients)`` from either an averager or a :class:`PostLocalSGD`.
+    """``(averager, gradients)`` from either an averager or a [`PostLocalSGD`][avgfn.PostLocalSGD].
 
     A PostLocalSGD carries its own gradient schedule, so passing ``gradients``
     as well is refused (``who`` names the caller in the message).

@@ -40,7 +40,7 @@ LearningRate = Union[float, Callable[[int], float]]
 
 @record
 class SlowMoState:
-    """State of :func:`slowmo`.
+    """State of [`slowmo()`][avgfn.slowmo].
 
     Attributes:
       rounds: int64 vector ``[base, slow]``: the base averagings and the slow
@@ -125,7 +125,7 @@ def slowmo(
     A step where both are due averages once (as fairscale's
     memory-efficient mode does).
 
-    With a constant ``lr`` this is :func:`avgfn.diloco` with
+    With a constant ``lr`` this is [`avgfn.diloco()`][avgfn.diloco] with
     ``outer_optimizer=avgfn.optim.sgd(slow_lr, momentum=momentum)`` (up to
     rounding, plus the base averagings); with ``momentum=0`` and
     ``slow_lr=1`` it is local SGD.
@@ -143,14 +143,14 @@ def slowmo(
         (``localsgd_frequency``), or ``None`` for no averaging between slow
         steps.
       where: which leaves are synchronized.
-      round: the :class:`avgfn.Round` options, as in :func:`avgfn.diloco`
+      round: the [`avgfn.Round`][avgfn.Round] options, as in [`avgfn.diloco()`][avgfn.diloco]
         (``nonfinite`` is ``"raise"``, ``"skip"`` or ``"exclude"``, for the
         base rounds and the slow step; ``verify`` defaults to ``"values"``).
       **deprecated: the round options as keywords, their spelling before
-        :class:`avgfn.Round`; they warn.
+        [`avgfn.Round`][avgfn.Round]; they warn.
 
     Returns:
-      An :class:`avgfn.Averager` whose state is a :class:`SlowMoState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is a [`SlowMoState`][avgfn.SlowMoState].
 
     Raises:
       ValueError: ``period < 1``, ``base_period < 1``, a negative

@@ -33,7 +33,7 @@ __all__ = ["StreamingDiLoCoState", "streaming_diloco"]
 
 @record
 class StreamingDiLoCoState:
-    """State of :func:`streaming_diloco`.
+    """State of [`streaming_diloco()`][avgfn.streaming_diloco].
 
     Attributes:
       rounds: int64 vector, the outer rounds done for each fragment.
@@ -107,7 +107,7 @@ def streaming_diloco(
     """Streaming DiLoCo (Douillard et al., 2025): fragments synced in turn.
 
     The selected leaves are split into ``num_fragments`` fragments ``F``.
-    Each fragment is a small :func:`avgfn.diloco`: every ``period`` steps it
+    Each fragment is a small [`avgfn.diloco()`][avgfn.diloco]: every ``period`` steps it
     has an outer round, and the fragments take turns, one every
     ``h = period / F`` steps: fragment ``k`` (from 0) is applied at the steps
     with ``(step + 1) % period == ((k + 1) * h) % period``, so fragment
@@ -131,7 +131,7 @@ def streaming_diloco(
     dtype of the pseudo-gradient on the wire only.
 
     With ``num_fragments=1``, ``delay=0`` and ``alpha=0`` it is
-    :func:`avgfn.diloco`, bit for bit.
+    [`avgfn.diloco()`][avgfn.diloco], bit for bit.
 
     Args:
       period: the steps between two outer rounds of a fragment (``H``), ``>= 1``.
@@ -140,21 +140,21 @@ def streaming_diloco(
       delay: ``tau``, with ``0 <= tau < period / F`` (one fragment in flight
         at a time).
       alpha: the mixing factor, in ``[0, 1]``.
-      outer_optimizer: an :class:`avgfn.optim.Optimizer`; each fragment has
+      outer_optimizer: an [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer]; each fragment has
         its own state of it. Default: Nesterov SGD, lr 0.7, momentum 0.9.
       fragment_of: ``None`` to split the selected leaves, in tree order, into
         ``F`` contiguous fragments of about equal element counts; or a pytree
         of ints shaped like params giving each leaf's fragment (its value is
         ignored for unselected leaves; every fragment needs a leaf).
-      where: which leaves are synchronized (see :func:`avgfn.average`).
-      round: the :class:`avgfn.Round` options of each fragment's round, as
-        in :func:`avgfn.diloco` (``nonfinite`` ``"raise"``, ``"skip"`` or
+      where: which leaves are synchronized (see [`avgfn.average()`][avgfn.average]).
+      round: the [`avgfn.Round`][avgfn.Round] options of each fragment's round, as
+        in [`avgfn.diloco()`][avgfn.diloco] (``nonfinite`` ``"raise"``, ``"skip"`` or
         ``"exclude"``, per fragment round; ``verify`` defaults to ``"values"``).
       **deprecated: the round options as keywords, their spelling before
-        :class:`avgfn.Round`; they warn.
+        [`avgfn.Round`][avgfn.Round]; they warn.
 
     Returns:
-      An :class:`avgfn.Averager` whose state is a :class:`StreamingDiLoCoState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is a [`StreamingDiLoCoState`][avgfn.StreamingDiLoCoState].
 
     Raises:
       ValueError: ``period < 1``, ``num_fragments < 1`` or not dividing
@@ -215,7 +215,7 @@ def _check_schedule(period: int, num_fragments: int, delay: Any, alpha: Any) -> 
 
 
 class _Streaming:
-    """The validated options of one :func:`streaming_diloco` and its two pure functions."""
+    """The validated options of one [`streaming_diloco()`][avgfn.streaming_diloco] and its two pure functions."""
 
     def __init__(
         self, reduce: Reduce, num_fragments: int, h: int, delay: int, alpha: float,

@@ -3,7 +3,7 @@
 These averagers never change the params they are given (the training
 continues on the raw params); they keep a running average in
 ``state.average``, a tree shaped like the params, to evaluate or to save.
-Chain them after a distributed averager with :func:`avgfn.chain`.
+Chain them after a distributed averager with [`avgfn.chain()`][avgfn.chain].
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = ["EMAState", "SWAState", "ema", "swa"]
 
 @record
 class EMAState:
-    """State of :func:`ema`.
+    """State of [`ema()`][avgfn.ema].
 
     Attributes:
       count: int64, how many times the average was updated (torch's
@@ -45,7 +45,7 @@ class EMAState:
 
 @record
 class SWAState:
-    """State of :func:`swa`: the same fields as :class:`EMAState`.
+    """State of [`swa()`][avgfn.swa]: the same fields as [`EMAState`][avgfn.EMAState].
 
     Attributes:
       count: int64, how many params were averaged (``n_averaged``).
@@ -182,16 +182,16 @@ def ema(
       decay: in ``[0, 1]``.
       start: the first step that updates the average, ``>= 0``.
       every: update every ``every`` steps from ``start``, ``>= 1``.
-      where: which leaves to average (see :func:`avgfn.average`); the other
+      where: which leaves to average (see [`avgfn.average()`][avgfn.average]); the other
         tensor leaves are copied, as torch keeps buffers in sync.
       nonfinite: when a selected leaf holds NaN or infinity at an update:
-        ``"raise"`` (default; :class:`avgfn.NonFiniteError`, the state is
+        ``"raise"`` (default; [`avgfn.NonFiniteError`][avgfn.NonFiniteError], the state is
         kept), ``"skip"`` (the update is skipped) or ``"ignore"`` (torch's
         behaviour: the average takes the value in). Under ``vmap`` or
         ``torch.compile``, ``"raise"`` skips, replica by replica.
 
     Returns:
-      An :class:`avgfn.Averager` whose state is an :class:`EMAState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is an [`EMAState`][avgfn.EMAState].
 
     Raises:
       ValueError: ``decay`` outside ``[0, 1]``, ``start < 0``, ``every < 1``.
@@ -240,10 +240,10 @@ def swa(
         ``if i > swa_start``).
       every: update every ``every`` steps from ``start``, ``>= 1``.
       where: which leaves to average.
-      nonfinite: as in :func:`ema`.
+      nonfinite: as in [`ema()`][avgfn.ema].
 
     Returns:
-      An :class:`avgfn.Averager` whose state is an :class:`SWAState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is an [`SWAState`][avgfn.SWAState].
 
     Raises:
       ValueError: ``start < 0``, ``every < 1``.

@@ -146,7 +146,7 @@ def _check_params_health(
 ) -> tuple:
     """``nonfinite="raise"`` for a weighted round: the core's semantics.
 
-    Eagerly, a non-finite mean raises :class:`avgfn.NonFiniteError` naming this
+    Eagerly, a non-finite mean raises [`avgfn.NonFiniteError`][avgfn.NonFiniteError] naming this
     replica's non-finite leaves; under a transform each leaf whose mean is not
     finite keeps its old value.
     """
@@ -190,7 +190,7 @@ WEIGHTED_ROUND = ("bucket_bytes", "comm_dtype", "nonfinite", "verify", "agree")
 
 @record
 class WeightedState:
-    """State of :func:`weighted` and :func:`fedavg`.
+    """State of [`weighted()`][avgfn.weighted] and [`fedavg()`][avgfn.fedavg].
 
     Attributes:
       rounds: int64 count of the averaging rounds (skipped ones included).
@@ -212,12 +212,12 @@ def weighted(
     round: Optional[Round] = None,
     **deprecated: Any,
 ) -> Averager:
-    """Average the params with per-replica weights, on :func:`avgfn.periodic`'s schedule.
+    """Average the params with per-replica weights, on [`avgfn.periodic()`][avgfn.periodic]'s schedule.
 
     At ``step >= warmup_steps`` with ``(step - warmup_steps) % period == 0``
     every replica's params become ``sum_i w_i x_i / sum_i w_i`` over the
     group, where ``w_i`` is replica i's ``weight`` (for FedAvg, the number of
-    samples it trained on). Equal weights give :func:`avgfn.periodic` bit for
+    samples it trained on). Equal weights give [`avgfn.periodic()`][avgfn.periodic] bit for
     bit (for float32 and float64 params).
 
     The weight is communicated with the same Reduce: one extra call on a
@@ -233,14 +233,14 @@ def weighted(
         example ``lambda p, step: p["num_samples"]``, which under ``vmap``
         gives each simulated replica its own weight from a leaf of its params).
       warmup_steps: steps before the first averaging, ``>= 0``.
-      where: which leaves to average (see :func:`avgfn.average`).
+      where: which leaves to average (see [`avgfn.average()`][avgfn.average]).
       invalid_weights: a round whose weights are invalid (a negative or
         non-finite weight on some replica, or all weights zero): ``"raise"``
         (default) raises ``ValueError`` on every replica and changes nothing
         (under ``vmap`` or ``torch.compile``, where a value cannot stop the
         program, the round is skipped instead); ``"skip"`` leaves the params
         as they are. Skipped rounds are counted in ``state.skipped``.
-      round: the :class:`avgfn.Round` options: ``comm_dtype``,
+      round: the [`avgfn.Round`][avgfn.Round] options: ``comm_dtype``,
         ``bucket_bytes``, ``verify`` (default ``"structure"``), the per-round
         agreement, and ``nonfinite`` for non-finite params: ``"raise"``
         (default), ``"skip"`` or ``"ignore"`` (``"exclude"`` is not offered:
@@ -249,7 +249,7 @@ def weighted(
         ``invalid_weights``): their spelling before; they warn.
 
     Returns:
-      An :class:`avgfn.Averager` whose state is a :class:`WeightedState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is a [`WeightedState`][avgfn.WeightedState].
 
     Raises:
       ValueError: ``period < 1``, ``warmup_steps < 0``, a negative or
@@ -329,9 +329,9 @@ def fedavg(
 ) -> Averager:
     """FedAvg (McMahan et al., 2017): a weighted average after every ``period`` local steps.
 
-    The schedule of :func:`avgfn.diloco`: the average is taken at the steps
+    The schedule of [`avgfn.diloco()`][avgfn.diloco]: the average is taken at the steps
     with ``(step + 1) % period == 0``. Exactly
-    ``weighted(period, warmup_steps=period - 1, ...)``; see :func:`weighted`
+    ``weighted(period, warmup_steps=period - 1, ...)``; see [`weighted()`][avgfn.weighted]
     for the arguments.
 
     Examples:
@@ -364,9 +364,9 @@ def fedavgm(
 ) -> Averager:
     """FedAvgM (Hsu et al., 2019): FedAvg with server learning rate and momentum.
 
-    :func:`avgfn.diloco` with two changes: the pseudo-gradient
+    [`avgfn.diloco()`][avgfn.diloco] with two changes: the pseudo-gradient
     ``global - local`` is averaged with the replicas' weights (as
-    :func:`weighted` does), and the outer optimizer is heavy-ball SGD,
+    [`weighted()`][avgfn.weighted] does), and the outer optimizer is heavy-ball SGD,
     ``avgfn.optim.sgd(server_lr, momentum=server_momentum)``: the server keeps
     ``v = server_momentum * v + delta`` (``v = delta`` on the first round) and
     sets ``global = global - server_lr * v``, as Flower's ``FedAvgM`` does.
@@ -375,22 +375,22 @@ def fedavgm(
     Args:
       period: local steps per round, ``>= 1``.
       reduce: the mean over the group.
-      weight: this replica's weight (see :func:`weighted`).
+      weight: this replica's weight (see [`weighted()`][avgfn.weighted]).
       server_lr: the server learning rate (Flower's ``server_learning_rate``), ``>= 0``.
       server_momentum: the server momentum (Flower's ``server_momentum``), ``>= 0``.
       where: which leaves are synchronized.
       invalid_weights: ``"raise"`` (default) or ``"skip"``, for a round
-        whose weights are invalid (see :func:`weighted`).
-      round: the :class:`avgfn.Round` options, as in :func:`avgfn.diloco`
+        whose weights are invalid (see [`weighted()`][avgfn.weighted]).
+      round: the [`avgfn.Round`][avgfn.Round] options, as in [`avgfn.diloco()`][avgfn.diloco]
         (``nonfinite`` ``"raise"`` or ``"skip"``: excluding would need the
         weights removed too; ``verify`` defaults to ``"values"``: the clients
         start from the server's params).
       **deprecated: the round options as keywords, their spelling before
-        :class:`avgfn.Round`; they warn. ``nonfinite="skip"`` there also
+        [`avgfn.Round`][avgfn.Round]; they warn. ``nonfinite="skip"`` there also
         skips rounds with invalid weights, as it did.
 
     Returns:
-      An :class:`avgfn.Averager` whose state is a :class:`avgfn.DiLoCoState`.
+      An [`avgfn.Averager`][avgfn.Averager] whose state is a [`avgfn.DiLoCoState`][avgfn.DiLoCoState].
 
     Examples:
       >>> import torch, avgfn

@@ -19,7 +19,7 @@ Levels = Union[Mapping[int, Any], Sequence[tuple[int, Any]]]
 def level_pairs(levels: Levels, name: str = "levels") -> list[tuple[int, Any]]:
     """Validate ``levels`` and return them as a list of ``(period, value)`` pairs.
 
-    Checks what both :func:`hierarchical` and the ``hierarchy`` builders need:
+    Checks what both [`hierarchical()`][avgfn.hierarchical] and the ``hierarchy`` builders need:
     non-empty, periods ints with the first ``> 0``, strictly increasing.
     Warns, as torch does, when the largest period is 1.
     """
@@ -61,7 +61,7 @@ def group_sizes(
     """Validate ``period -> group size`` levels against a group of ``total`` replicas.
 
     The shared checks of ``collectives.hierarchy`` and ``simulate.hierarchy``:
-    the periods as :func:`level_pairs` checks them, every size an int ``>= 1``
+    the periods as `level_pairs()` checks them, every size an int ``>= 1``
     dividing ``total``, and the last size equal to ``total`` (``total_name``
     says what ``total`` is in the messages).
     """

@@ -1,7 +1,7 @@
 """Immutable state records: frozen ``attrs`` classes that are pytree nodes.
 
 A record is declared as an ``attrs`` class body and decorated with
-:func:`record`. Fields are pytree children unless declared with
+`record()`. Fields are pytree children unless declared with
 ``static_field()``, whose values travel in the tree's context instead (periods,
 names: things that never change and are not tensors).
 
@@ -9,9 +9,9 @@ Two facts of torch 2.13 shape this module (see ``shared/STYLE.md``):
 
 * ``torch.compile`` cannot construct ``attrs.frozen`` instances but can run a
   plain ``__init__`` that sets slots with ``object.__setattr__``; so
-  :func:`record` writes that ``__init__`` itself.
+  `record()` writes that ``__init__`` itself.
 * ``torch.func.vmap`` only sees classes registered with ``torch.utils._pytree``;
-  so every record is registered there, with keys, by :mod:`avgfn._tree`.
+  so every record is registered there, with keys, by `avgfn._tree`.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def register_record(
 ) -> None:
     """Register a record class as a pytree node with keyed children.
 
-    ``field_names`` become children (keyed by :class:`GetAttrKey`), the values of
+    ``field_names`` become children (keyed by `GetAttrKey`), the values of
     ``static_names`` travel in the context, and ``build(**fields)`` rebuilds it.
     """
     fields = tuple(field_names)

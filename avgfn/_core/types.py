@@ -81,7 +81,7 @@ class AsyncReduce(Reduce, Protocol):
     """A Reduce that can also be started without waiting for it.
 
     ``start(tensor)`` begins the mean of ``tensor`` and returns a
-    :class:`Pending`; the caller must not touch ``tensor`` until ``wait()``.
+    [`Pending`][avgfn.Pending]; the caller must not touch ``tensor`` until ``wait()``.
     Plain callables are Reduces too: they simply run to completion at start.
     """
 
@@ -95,24 +95,24 @@ class GroupReduce(Protocol):
     """What a Reduce backed by a real group can do beyond ``reduce(tensor)``.
 
     A plain callable is a Reduce; a group-backed one
-    (:func:`avgfn.collectives.all_reduce_mean`) also offers the methods
+    ([`avgfn.collectives.all_reduce_mean()`][avgfn.collectives.all_reduce_mean]) also offers the methods
     below, and the round engine uses them when they are there. A wrapper that
     keeps them (a Reduce that counts bytes, records calls...) subclasses
-    :class:`ForwardingReduce`, which forwards each one to its inner Reduce.
+    [`ForwardingReduce`][avgfn.ForwardingReduce], which forwards each one to its inner Reduce.
 
     * ``size``: the number of replicas in the group (0 on a rank outside it).
     * ``divisor()`` and ``start_sum(tensor)``: the mean is the sum of values
       each replica divided by ``divisor()``; the engine fuses that division
       into the copy that packs its buffer, then starts the sum.
-    * ``start(tensor)``: the mean, asynchronously (a :class:`Pending`); the
+    * ``start(tensor)``: the mean, asynchronously (a [`Pending`][avgfn.Pending]); the
       buckets of a round use it to pack one while another is on the wire.
     * ``agree(digest, entries)``: a collective that raises
-      :class:`avgfn.ReplicaMismatchError` on every replica unless all hand in
+      [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] on every replica unless all hand in
       the same ``digest``; ``entries()`` names what the digest was made of
       (``(name, description)`` pairs), for the message.
     * ``commit()``: whether the group keeps the round that just completed;
       a group that votes on its rounds (a torchft quorum) may answer False,
-      and the round is then refused with :class:`avgfn.RoundNotCommitted`.
+      and the round is then refused with [`avgfn.RoundNotCommitted`][avgfn.RoundNotCommitted].
 
     The tensors a group-backed Reduce returns may be in flight (a tensor that
     waits when first read, as torch's functional collectives return); and
@@ -129,7 +129,7 @@ class GroupReduce(Protocol):
         ...
 
     def divisor(self) -> int:
-        """What each replica divides its values by before :meth:`start_sum`."""
+        """What each replica divides its values by before `start_sum()`."""
         ...
 
     def start(self, tensor: torch.Tensor, /) -> Pending:
@@ -137,11 +137,11 @@ class GroupReduce(Protocol):
         ...
 
     def start_sum(self, tensor: torch.Tensor, /) -> Pending:
-        """Begin the sum of ``tensor``, already divided by :meth:`divisor`."""
+        """Begin the sum of ``tensor``, already divided by `divisor()`."""
         ...
 
     def agree(self, digest: bytes, entries: Callable[[], list[tuple[str, str]]], /) -> None:
-        """Raise :class:`avgfn.ReplicaMismatchError` everywhere unless all digests match."""
+        """Raise [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] everywhere unless all digests match."""
         ...
 
     def commit(self) -> bool:
@@ -163,7 +163,7 @@ _GROUP_TYPES: dict[type, bool] = {}
 
 
 def group_of(reduce: Any) -> Optional[GroupReduce]:
-    """``reduce`` as a :class:`GroupReduce` when it is one, else ``None``.
+    """``reduce`` as a [`GroupReduce`][avgfn.GroupReduce] when it is one, else ``None``.
 
     The answer is kept per class: checking a runtime protocol reads every
     member, which would cost more than a small round itself.
@@ -176,13 +176,13 @@ def group_of(reduce: Any) -> Optional[GroupReduce]:
 
 
 def divisor(reduce: Reduce) -> int:
-    """What a replica divides by before :func:`start_sum` (1 for a plain Reduce)."""
+    """What a replica divides by before `start_sum()` (1 for a plain Reduce)."""
     group = group_of(reduce)
     return 1 if group is None else group.divisor()
 
 
 def start_sum(reduce: Reduce, tensor: torch.Tensor) -> Pending:
-    """Begin the sum of ``tensor`` pre-divided by :func:`divisor` (a plain Reduce: its mean)."""
+    """Begin the sum of ``tensor`` pre-divided by `divisor()` (a plain Reduce: its mean)."""
     group = group_of(reduce)
     return _Done(reduce(tensor)) if group is None else group.start_sum(tensor)
 
@@ -211,10 +211,10 @@ def commit(reduce: Reduce) -> bool:
 
 
 class ForwardingReduce:
-    """A Reduce that wraps another and forwards every :class:`GroupReduce` capability.
+    """A Reduce that wraps another and forwards every [`GroupReduce`][avgfn.GroupReduce] capability.
 
     Subclass it to observe what the inner Reduce is handed: override
-    :meth:`observe`, which sees each buffer (and whether it is pre-divided)
+    `observe()`, which sees each buffer (and whether it is pre-divided)
     before it goes to ``inner``. Fused division, asynchronous starts, the
     replica agreement and the commit vote then keep working through the
     wrapper; over a plain callable they behave as a plain Reduce does.
@@ -237,7 +237,7 @@ class ForwardingReduce:
         self.inner = inner
 
     def observe(self, tensor: torch.Tensor, divided: bool) -> None:
-        """Called with each buffer before it is handed on (``divided``: for :meth:`start_sum`)."""
+        """Called with each buffer before it is handed on (``divided``: for `start_sum()`)."""
         del tensor, divided
 
     @property
@@ -274,7 +274,7 @@ class ForwardingReduce:
 class ReduceSchedule(Protocol):
     """Which Reduce averages the gradients at a step (a DDP hook reads it).
 
-    :class:`avgfn.GradientSchedule` is one: ``reduce_at(step)`` is the global
+    [`avgfn.GradientSchedule`][avgfn.GradientSchedule] is one: ``reduce_at(step)`` is the global
     Reduce before its switch step, then the local one (or ``None``).
     """
 

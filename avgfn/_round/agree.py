@@ -1,18 +1,18 @@
 """The replicas of a group agree on what they average, before any value is mixed.
 
 Two checks, both through the group-backed Reduce's ``agree`` (see
-:class:`avgfn.GroupReduce`): fakes and simulated replicas have nothing to
+[`avgfn.GroupReduce`][avgfn.GroupReduce]): fakes and simulated replicas have nothing to
 compare against, and skip them.
 
-* At ``init`` (:func:`verify`), the replicas compare a signature of their
+* At ``init`` (`verify()`), the replicas compare a signature of their
   params: ``"structure"`` (paths, shapes, dtypes), ``"values"`` (also a
   digest of every tensor's bytes: the replicas start from identical values)
   or ``None`` (no check).
-* At every round (:func:`agree_round`, on by default: ``Round(agree=False)``
+* At every round (`agree_round()`, on by default: ``Round(agree=False)``
   turns it off), the replicas compare the paths, shapes and dtypes of the
   leaves they are about to average, and the step. A replica whose ``where``
   selects other leaves, or that is at another step of its schedule, makes
-  every replica raise :class:`avgfn.ReplicaMismatchError` before the data
+  every replica raise [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] before the data
   moves. It costs one all-reduce of two int64 per round; the digest of the
   structure is cached, so each round hashes only the step.
 """

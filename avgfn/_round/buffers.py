@@ -4,7 +4,7 @@ The plain round copies the selected leaves into one fresh buffer (the
 division by the group size fused into that copy when the Reduce divides,
 then sums), reduces it, and hands back views of the result cast to each
 leaf's dtype: its inputs are never written. The options of a
-:class:`avgfn.Round` trade that purity or precision for speed and memory:
+[`avgfn.Round`][avgfn.Round] trade that purity or precision for speed and memory:
 
 * ``donate=True``: the caller gives up the params it passes in (as JAX's
   ``donate_argnums``) and must use the returned ones. When the selected

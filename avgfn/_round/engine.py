@@ -1,12 +1,12 @@
 """One averaging round, for every averager: agree, check health, pack, reduce, unpack.
 
-:func:`reduce_round` is the round every averager runs (on its params, or on
+`reduce_round()` is the round every averager runs (on its params, or on
 the pseudo-gradients of an outer step). In order:
 
 1. the replicas agree on what they average and at which step
-   (:mod:`avgfn._round.agree`), before any value is mixed;
-2. the non-finite policy decides the round (:mod:`avgfn._round.health`);
-3. the values go through buffers (:mod:`avgfn._round.buffers`): one Reduce
+   (`avgfn._round.agree`), before any value is mixed;
+2. the non-finite policy decides the round (`avgfn._round.health`);
+3. the values go through buffers (`avgfn._round.buffers`): one Reduce
    call per device and bucket;
 4. the results are checked, and the group is asked to commit the round.
 
@@ -237,7 +237,7 @@ def average_tree(
 
 
 class Averaging:
-    """What an averager does at a due step: its ``where`` and its :class:`Round`.
+    """What an averager does at a due step: its ``where`` and its [`Round`][avgfn.Round].
 
     Shared by the averagers that average params directly (periodic,
     hierarchical, post-local SGD).

@@ -3,10 +3,10 @@
 A NaN or infinity in any replica makes the group's mean non-finite at the
 same place, on every replica; so does a value too large for a reduced
 precision wire (``Round(comm_dtype=torch.float16)``). The policies of
-:data:`avgfn._round.options.NONFINITE` use that:
+`avgfn._round.options.NONFINITE` use that:
 
 * ``"raise"``: the mean is checked before it is returned; if it is not
-  finite, every replica raises :class:`avgfn.NonFiniteError` naming the
+  finite, every replica raises [`avgfn.NonFiniteError`][avgfn.NonFiniteError] naming the
   leaves, and its params and state stay as they were. No extra collective.
   A donating round writes results into the params as they arrive, so with
   ``donate=True`` the replicas first exchange one small health flag (which
@@ -75,7 +75,7 @@ class Watch:
     """Collects the extremes of a round's reduced buffers, to check them at once.
 
     The eager ``"raise"`` check: one read of each buffer and a single
-    host sync at the end (:meth:`finite`), instead of a pass per leaf.
+    host sync at the end (`finite()`), instead of a pass per leaf.
     """
 
     __slots__ = ("extremes",)
@@ -130,7 +130,7 @@ def _rescaled(reduce: Reduce, healthy: torch.Tensor) -> Callable[[torch.Tensor],
 def error(
     policy: str, local: list[str], result: list[str], donated: bool = False, wire: bool = False
 ) -> NonFiniteError:
-    """The :class:`avgfn.NonFiniteError` of a round: whose values, which leaves."""
+    """The [`avgfn.NonFiniteError`][avgfn.NonFiniteError] of a round: whose values, which leaves."""
     if local and wire:
         where = f"this replica holds values that are not finite or too large for the wire dtype at {', '.join(local)}"
     elif local:

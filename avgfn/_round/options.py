@@ -1,4 +1,4 @@
-"""The options of an averaging round, declared once: :class:`Round`.
+"""The options of an averaging round, declared once: [`Round`][avgfn.Round].
 
 Every averager takes one ``round=avgfn.Round(...)`` value instead of
 re-declaring these options in its signature. The record validates itself
@@ -19,7 +19,7 @@ from avgfn._core.checks import check_int
 NONFINITE = ("raise", "skip", "exclude", "ignore")
 """The one vocabulary of non-finite policies (each averager accepts a subset):
 
-* ``"raise"``: every replica raises :class:`avgfn.NonFiniteError` and nothing
+* ``"raise"``: every replica raises [`avgfn.NonFiniteError`][avgfn.NonFiniteError] and nothing
   changes (under ``vmap`` or ``torch.compile``, where a value cannot stop the
   program, the round is skipped instead).
 * ``"skip"``: the round is skipped on every replica: what the replicas share
@@ -124,10 +124,10 @@ def round_options(
     allowed: Sequence[str] = ROUND_OPTIONS,
     stacklevel: int = 3,
 ) -> Round:
-    """The :class:`Round` an averager ``who`` runs with, checked against what it supports.
+    """The [`Round`][avgfn.Round] an averager ``who`` runs with, checked against what it supports.
 
     ``legacy`` holds options passed as keywords of the factory (their spelling
-    before :class:`Round`): they still work, with a ``DeprecationWarning``, and
+    before [`Round`][avgfn.Round]): they still work, with a ``DeprecationWarning``, and
     may not be mixed with ``round``. ``nonfinite`` lists the policies ``who``
     accepts, ``verify`` its default check at ``init``, ``allowed`` the
     options it honours (another option set away from its default is refused).

@@ -25,7 +25,7 @@ Skip = Union[bool, torch.Tensor, Callable[[Params], Union[bool, torch.Tensor]]]
 
 @record
 class AveragingState:
-    """State of :func:`with_averaging`.
+    """State of [`with_averaging()`][avgfn.with_averaging].
 
     Attributes:
       gradients: the gradient schedule's state, or ``None`` without one.
@@ -44,7 +44,7 @@ class AveragingUpdateFn(Protocol):
     def __call__(
         self, grads: Params, state: AveragingState, params: Params, step: int, /, *, skip: Skip = False
     ) -> tuple[Params, AveragingState]:
-        """One training step; see :func:`with_averaging`."""
+        """One training step; see [`with_averaging()`][avgfn.with_averaging]."""
         ...
 
 
@@ -122,20 +122,20 @@ def with_averaging(
     ``torch.where``, so it needs no host synchronization and works under vmap.
 
     Args:
-      optimizer: the inner :class:`avgfn.optim.Optimizer`.
-      averager: the params :class:`avgfn.Averager`, or a
-        :class:`avgfn.PostLocalSGD` (then its averager and its gradient
+      optimizer: the inner [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer].
+      averager: the params [`avgfn.Averager`][avgfn.Averager], or a
+        [`avgfn.PostLocalSGD`][avgfn.PostLocalSGD] (then its averager and its gradient
         schedule are both used).
-      gradients: a :class:`avgfn.GradientSchedule` to apply to the
+      gradients: a [`avgfn.GradientSchedule`][avgfn.GradientSchedule] to apply to the
         gradients first; ``None`` leaves them as given (for example when DDP
         already averaged them).
 
     Returns:
-      An :class:`AveragingUpdate` whose state is an :class:`AveragingState`.
+      An [`AveragingUpdate`][avgfn.AveragingUpdate] whose state is an `AveragingState`.
 
     Raises:
       TypeError: an argument of the wrong type, or ``gradients`` given twice
-        (with a :class:`avgfn.PostLocalSGD`, which carries its own).
+        (with a [`avgfn.PostLocalSGD`][avgfn.PostLocalSGD], which carries its own).
 
     Examples:
       >>> import torch, avgfn

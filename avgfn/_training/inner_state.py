@@ -3,9 +3,9 @@
 An averager only sees params. When it synchronizes them (periodic averaging,
 a DiLoCo outer step, a Streaming DiLoCo fragment), the inner optimizer's
 state (momentum buffers, Adam moments) was built on the local trajectory.
-:func:`sync_inner_state` applies one of three policies to it, leaf by leaf,
-for exactly the leaves the averager changed; :func:`with_inner_state` is
-:func:`avgfn.with_averaging` with that policy applied after each sync.
+[`sync_inner_state()`][avgfn.sync_inner_state] applies one of three policies to it, leaf by leaf,
+for exactly the leaves the averager changed; [`with_inner_state()`][avgfn.with_inner_state] is
+[`avgfn.with_averaging()`][avgfn.with_averaging] with that policy applied after each sync.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def sync_inner_state(
     * ``"keep"``: nothing changes (torchft's and the DiLoCo paper's choice: the
       inner AdamW state persists across rounds).
     * ``"average"``: they are averaged over the group with ``reduce`` (one
-      :func:`avgfn.average` round), so every replica continues from the same
+      [`avgfn.average()`][avgfn.average] round), so every replica continues from the same
       inner state.
     * ``"reset"``: they are replaced by those of ``optimizer.init(after)``.
       Other leaves of the state (step counters) are reset too only when every
@@ -176,29 +176,29 @@ def with_inner_state(
     reduce: Optional[Reduce] = None,
     gradients: Optional[GradientSchedule] = None,
 ) -> AveragingUpdate:
-    """:func:`avgfn.with_averaging`, with an inner-state policy after each sync.
+    """[`avgfn.with_averaging()`][avgfn.with_averaging], with an inner-state policy after each sync.
 
     ``update(grads, state, params, step, *, skip=False)`` runs the gradient
     schedule, the inner optimizer and the averager exactly as
-    :func:`avgfn.with_averaging` does, then
+    [`avgfn.with_averaging()`][avgfn.with_averaging] does, then
     ``sync_inner_state(..., policy=inner_state)`` on the leaves the averager
-    changed. The state is an :class:`avgfn.AveragingState`, laid out as
+    changed. The state is an `avgfn.AveragingState`, laid out as
     ``with_averaging``'s.
 
     Args:
-      optimizer: the inner :class:`avgfn.optim.Optimizer`.
-      averager: an :class:`avgfn.Averager` (or :class:`avgfn.PostLocalSGD`).
+      optimizer: the inner [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer].
+      averager: an [`avgfn.Averager`][avgfn.Averager] (or [`avgfn.PostLocalSGD`][avgfn.PostLocalSGD]).
       inner_state: ``"keep"``, ``"average"`` or ``"reset"`` (see
-        :func:`sync_inner_state`).
+        [`sync_inner_state()`][avgfn.sync_inner_state]).
       reduce: the Reduce for ``"average"``.
-      gradients: a gradient schedule, as for :func:`avgfn.with_averaging`.
+      gradients: a gradient schedule, as for [`avgfn.with_averaging()`][avgfn.with_averaging].
 
     Returns:
-      An :class:`avgfn.AveragingUpdate`.
+      An [`avgfn.AveragingUpdate`][avgfn.AveragingUpdate].
 
     Raises:
       ValueError, TypeError: a bad policy or argument (see
-        :func:`sync_inner_state` and :func:`avgfn.with_averaging`).
+        [`sync_inner_state()`][avgfn.sync_inner_state] and [`avgfn.with_averaging()`][avgfn.with_averaging]).
 
     Examples:
       >>> import torch, avgfn

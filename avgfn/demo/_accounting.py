@@ -66,9 +66,9 @@ class Ledger:
 
 
 class CountingReduce(avgfn.ForwardingReduce):
-    """A Reduce that records each buffer in a :class:`Ledger`, then hands it to ``inner``.
+    """A Reduce that records each buffer in a `Ledger`, then hands it to ``inner``.
 
-    A :class:`avgfn.ForwardingReduce`: every capability of ``inner`` (fused
+    A [`avgfn.ForwardingReduce`][avgfn.ForwardingReduce]: every capability of ``inner`` (fused
     division, asynchronous starts, the replica agreement) still works through
     it, and every data buffer is counted before ``inner`` may write into it.
     The agreement's small check is not counted: it is not training traffic.

@@ -106,7 +106,7 @@ def split(x: torch.Tensor, y: torch.Tensor, *, test_size: int = 297, seed: int =
       seed: the seed of the random permutation; the same seed gives the same split.
 
     Returns:
-      A :class:`Split`.
+      A `Split`.
 
     Raises:
       ValueError: ``test_size`` out of range, or ``x`` and ``y`` of different lengths.
@@ -131,7 +131,7 @@ def shard_train(parts: Split, workers: int) -> tuple[torch.Tensor, torch.Tensor]
     """Give each of ``workers`` workers its own contiguous block of the training rows.
 
     The training rows are trimmed to a multiple of ``workers`` (at most
-    ``workers - 1`` rows unused) and split with :func:`avgfn.simulate.shard`:
+    ``workers - 1`` rows unused) and split with [`avgfn.simulate.shard()`][avgfn.simulate.shard]:
     worker ``r`` holds block ``r``, and no row is in two blocks.
 
     Returns:

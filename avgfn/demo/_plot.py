@@ -2,7 +2,7 @@
 
 Drawn with matplotlib's Agg canvas directly (no ``pyplot``, no global backend
 switch, no display needed). matplotlib is the ``demo`` extra of avgfn
-(``pip install 'avgfn[demo]'``); without it :func:`plot` says so and draws
+(``pip install 'avgfn[demo]'``); without it `plot()` says so and draws
 nothing.
 """
 

@@ -13,7 +13,7 @@ class Progress:
     """Count steps towards ``total`` and draw ``label [#####.....] 40% 12.3s``.
 
     On a terminal the line is redrawn in place (at most every ``interval``
-    seconds); elsewhere (a log file, a pipe) only :meth:`note` lines and the
+    seconds); elsewhere (a log file, a pipe) only `note()` lines and the
     final line are written, so logs stay readable.
 
     Args:

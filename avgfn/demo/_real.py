@@ -2,14 +2,14 @@
 
 Each rank rebuilds the demo's task (the same split, initial params and
 mini-batches: they are fixed by the seed), trains its own shard with the very
-recipe the study uses, given counting :func:`avgfn.collectives.all_reduce_mean`
+recipe the study uses, given counting [`avgfn.collectives.all_reduce_mean()`][avgfn.collectives.all_reduce_mean]
 Reduces instead of simulated ones, and writes its final params and its ledger
-to ``--out``. The parent (:func:`real_run`) launches::
+to ``--out``. The parent (`real_run()`) launches::
 
     python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node W \\
         --local-addr 127.0.0.1 -m avgfn.demo._real --algorithms A,B ... --out DIR
 
-over loopback (``GLOO_SOCKET_IFNAME=lo``), and :func:`compare` checks the
+over loopback (``GLOO_SOCKET_IFNAME=lo``), and `compare()` checks the
 ranks' params against a W-replica simulation of the same configuration.
 
 Unlike avgfn's algorithms, this launcher talks to ``torch.distributed``

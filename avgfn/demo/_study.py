@@ -1,9 +1,9 @@
 """The study: each algorithm trains the same task on W simulated workers, and is measured.
 
 Every algorithm is built from avgfn's public pieces, given a ``Comm`` that
-hands out the Reduces (a counting :func:`avgfn.simulate.replica_mean` here,
-a counting :func:`avgfn.collectives.all_reduce_mean` in the real run of
-:mod:`avgfn.demo._real`), so the very same recipe runs on simulated workers
+hands out the Reduces (a counting [`avgfn.simulate.replica_mean()`][avgfn.simulate.replica_mean] here,
+a counting [`avgfn.collectives.all_reduce_mean()`][avgfn.collectives.all_reduce_mean] in the real run of
+`avgfn.demo._real`), so the very same recipe runs on simulated workers
 under ``torch.func.vmap`` and on real gloo processes.
 
 The task is a 64-64-64-10 tanh MLP on the digits; every worker starts from the same
@@ -123,8 +123,8 @@ class Task:
     """Everything a run trains on: the data, its shards, the batches and the starting params.
 
     Attributes:
-      config: the run's :class:`Config`.
-      split: the train / held-out :class:`avgfn.demo.Split`.
+      config: the run's `Config`.
+      split: the train / held-out `avgfn.demo.Split`.
       shard_x, shard_y: ``(W, n, 64)`` and ``(W, n)``: worker ``r``'s rows.
       indices: ``(steps, W, batch_size)``: the rows of its shard each worker
         trains on at each step.
@@ -201,7 +201,7 @@ class Comm(Protocol):
         ...
 
     def hierarchy(self, period_group_sizes: dict[int, int]) -> list[tuple[int, avgfn.Reduce]]:
-        """The levels of :func:`avgfn.hierarchical` for ``period -> group size``."""
+        """The levels of [`avgfn.hierarchical()`][avgfn.hierarchical] for ``period -> group size``."""
         ...
 
 
@@ -216,7 +216,7 @@ def group_label(size: int, workers: int) -> str:
 
 
 class SimulatedComm:
-    """The Reduces of W simulated workers: counted :func:`avgfn.simulate.replica_mean`.
+    """The Reduces of W simulated workers: counted [`avgfn.simulate.replica_mean()`][avgfn.simulate.replica_mean].
 
     Examples:
       >>> from avgfn.demo import SimulatedComm
@@ -392,7 +392,7 @@ def _summaries() -> dict[str, Callable[[Config], str]]:
 
 
 def algorithm(name: str) -> Algorithm:
-    """The :class:`Algorithm` named ``name``; ``local-sgd-P`` works for any period ``P >= 2``.
+    """The `Algorithm` named ``name``; ``local-sgd-P`` works for any period ``P >= 2``.
 
     Raises:
       ValueError: an unknown name (the message lists the known ones).
@@ -454,7 +454,7 @@ class Result:
         are the totals per worker so far.
       train_loss, train_acc, test_loss, test_acc: of the workers' mean params
         at the end, on the whole training set and on the held-out images.
-      ledger: the :class:`avgfn.demo.Ledger` of the run.
+      ledger: the `avgfn.demo.Ledger` of the run.
       params: the workers' final params, stacked ``(W, ...)``.
       seconds: wall time of the training loop.
     """
@@ -538,7 +538,7 @@ def _run(name: str, task: Task, progress: Optional[Progress]) -> Result:
 
 
 def check_algorithm(name: str, workers: int) -> Algorithm:
-    """The :class:`Algorithm` ``name``, after checking that it can run on ``workers`` workers.
+    """The `Algorithm` ``name``, after checking that it can run on ``workers`` workers.
 
     Raises:
       ValueError: an unknown name, or ``hierarchical`` on a number of workers

@@ -1,11 +1,11 @@
 """Functional optimizers: ``init``/``update`` records that match ``torch.optim`` bit for bit.
 
 The small set avgfn needs to write a whole training step as a pure function
-(see :func:`avgfn.with_averaging`): :func:`sgd` (momentum, dampening, Nesterov,
-weight decay), :func:`adam` and :func:`adamw`; learning-rate schedules that
-may be passed as their ``lr`` (:func:`linear_warmup`, :func:`cosine_decay`,
-:func:`step_decay`, ...); and gradient clipping by global norm
-(:func:`clip_by_global_norm`). Each ``update(grads, state, params)`` returns
+(see [`avgfn.with_averaging()`][avgfn.with_averaging]): [`sgd()`][avgfn.optim.sgd] (momentum, dampening, Nesterov,
+weight decay), [`adam()`][avgfn.optim.adam] and [`adamw()`][avgfn.optim.adamw]; learning-rate schedules that
+may be passed as their ``lr`` ([`linear_warmup()`][avgfn.optim.linear_warmup], [`cosine_decay()`][avgfn.optim.cosine_decay],
+[`step_decay()`][avgfn.optim.step_decay], ...); and gradient clipping by global norm
+([`clip_by_global_norm()`][avgfn.optim.clip_by_global_norm]). Each ``update(grads, state, params)`` returns
 ``(new_params, new_state)`` and works under ``torch.func.vmap``.
 """
 

@@ -14,7 +14,7 @@ from avgfn.optim._schedules import Schedule
 
 @record
 class AdamState:
-    """State of :func:`adam`.
+    """State of [`adam()`][avgfn.optim.adam].
 
     Attributes:
       step: int64 count of the steps taken.
@@ -43,15 +43,15 @@ def adam(
 
     Reproduces ``torch.optim.Adam`` (its single-tensor path, the one torch
     uses on CPU) bit for bit: ``weight_decay * param`` is added to the
-    gradient, then the moments and the param are updated as in :func:`adamw`.
+    gradient, then the moments and the param are updated as in [`adamw()`][avgfn.optim.adamw].
     The decay therefore passes through the moments and is scaled by the
-    adaptive step, unlike :func:`adamw`'s decoupled decay.
+    adaptive step, unlike [`adamw()`][avgfn.optim.adamw]'s decoupled decay.
 
     Every operation is out of place, so ``update`` works under
     ``torch.func.vmap`` and ``torch.func.grad``.
 
     Args:
-      lr: the learning rate, ``>= 0``, or a :class:`Schedule` of the step
+      lr: the learning rate, ``>= 0``, or a [`Schedule`][avgfn.optim.Schedule] of the step
         count (the state's ``step`` before this update).
       betas: the running-average coefficients, each in ``[0, 1)``.
       eps: added to the denominator, ``>= 0``.
@@ -60,7 +60,7 @@ def adam(
       maximize: ascend instead of descend.
 
     Returns:
-      An :class:`avgfn.optim.Optimizer` whose state is an :class:`AdamState`.
+      An [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer] whose state is an [`AdamState`][avgfn.optim.AdamState].
 
     Raises:
       ValueError: a hyperparameter out of range.

@@ -14,7 +14,7 @@ from avgfn.optim._schedules import Schedule
 
 @record
 class AdamWState:
-    """State of :func:`adamw`.
+    """State of [`adamw()`][avgfn.optim.adamw].
 
     Attributes:
       step: int64 count of the steps taken.
@@ -53,7 +53,7 @@ def adamw(
     in the last bit: torch's kernels compute those in float32).
 
     Args:
-      lr: the learning rate, ``>= 0``, or a :class:`Schedule` of the step
+      lr: the learning rate, ``>= 0``, or a [`Schedule`][avgfn.optim.Schedule] of the step
         count (the state's ``step`` before this update), as
         ``torch.optim.lr_scheduler`` would set it.
       betas: the running-average coefficients, each in ``[0, 1)``.
@@ -63,7 +63,7 @@ def adamw(
       maximize: ascend instead of descend.
 
     Returns:
-      An :class:`avgfn.optim.Optimizer` whose state is an :class:`AdamWState`.
+      An [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer] whose state is an [`AdamWState`][avgfn.optim.AdamWState].
 
     Raises:
       ValueError: a hyperparameter out of range.

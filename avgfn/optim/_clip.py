@@ -120,10 +120,10 @@ def clip_grad_norm(
 def clip_by_global_norm(
     max_norm: float, optimizer: Optimizer, *, norm_type: float = 2.0
 ) -> Optimizer:
-    """``optimizer``, fed gradients clipped by :func:`clip_grad_norm` first.
+    """``optimizer``, fed gradients clipped by [`clip_grad_norm()`][avgfn.optim.clip_grad_norm] first.
 
     The training step ``clip_grad_norm_(params, max_norm); opt.step()`` as one
-    :class:`~avgfn.optim.Optimizer`. Its state is ``optimizer``'s own (clipping
+    [`Optimizer`][avgfn.optim.Optimizer]. Its state is ``optimizer``'s own (clipping
     keeps no state), so it checkpoints, and loads into, the unclipped
     optimizer's state. The gradients passed to ``update`` are not modified.
 
@@ -134,10 +134,10 @@ def clip_by_global_norm(
         absolute value.
 
     Returns:
-      An :class:`~avgfn.optim.Optimizer` with ``optimizer``'s ``init`` and state.
+      An [`Optimizer`][avgfn.optim.Optimizer] with ``optimizer``'s ``init`` and state.
 
     Raises:
-      TypeError: ``optimizer`` is not an :class:`~avgfn.optim.Optimizer`, or an
+      TypeError: ``optimizer`` is not an [`Optimizer`][avgfn.optim.Optimizer], or an
         argument of the wrong type.
       ValueError: ``max_norm`` negative or ``norm_type`` not positive.
 

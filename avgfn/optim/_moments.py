@@ -1,4 +1,4 @@
-"""Adam's running moments, shared by :func:`adam` and :func:`adamw`.
+"""Adam's running moments, shared by [`adam()`][avgfn.optim.adam] and [`adamw()`][avgfn.optim.adamw].
 
 torch implements both with one function (``torch.optim.AdamW`` is ``Adam`` with
 ``decoupled_weight_decay=True``); so does this module. The two differ only in
@@ -45,7 +45,7 @@ def _bias_corrections(
 
 
 class _MomentOptions(NamedTuple):
-    """The validated options of :func:`adaptive_moments`, less ``lr``."""
+    """The validated options of `adaptive_moments()`, less ``lr``."""
 
     beta1: float
     beta2: float
@@ -65,7 +65,7 @@ def _check_moment_options(
     maximize: bool,
     decoupled: bool,
 ) -> tuple[Union[float, Schedule], _MomentOptions]:
-    """Validate :func:`adaptive_moments`' options, returning ``lr`` and the rest."""
+    """Validate `adaptive_moments()`' options, returning ``lr`` and the rest."""
     lr = check_lr(lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -186,7 +186,7 @@ def adaptive_moments(
         of adding ``weight_decay * param`` to the gradient (Adam).
 
     Returns:
-      An :class:`avgfn.optim.Optimizer` whose state is a ``state_cls``.
+      An [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer] whose state is a ``state_cls``.
     """
     lr, opts = _check_moment_options(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
     init_who, update_who = f"{who}.init", f"{who}.update"

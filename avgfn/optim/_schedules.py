@@ -108,7 +108,7 @@ def constant_schedule(value: float) -> Schedule:
       value: the value, a real number ``>= 0``.
 
     Returns:
-      A :class:`Schedule`.
+      A [`Schedule`][avgfn.optim.Schedule].
 
     Raises:
       TypeError: ``value`` is not a real number.
@@ -150,7 +150,7 @@ def linear_warmup(
       end_factor: the factor from step ``warmup_steps`` on, ``>= 0``.
 
     Returns:
-      A :class:`Schedule`.
+      A [`Schedule`][avgfn.optim.Schedule].
 
     Raises:
       TypeError: an argument of the wrong type.
@@ -208,7 +208,7 @@ def cosine_decay(
     With ``warmup_steps > 0``, reproduces ``SequentialLR(optimizer,
     [LinearLR(optimizer, warmup_start_factor, 1.0, total_iters=warmup_steps),
     CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=eta_min)],
-    milestones=[warmup_steps])``: :func:`linear_warmup` for the first
+    milestones=[warmup_steps])``: [`linear_warmup()`][avgfn.optim.linear_warmup] for the first
     ``warmup_steps`` steps, then the cosine, counted from 0.
 
     After the cosine's ``decay_steps`` steps the value stays at ``eta_min``
@@ -224,7 +224,7 @@ def cosine_decay(
         ``>= 0`` (``LinearLR``'s ``start_factor``).
 
     Returns:
-      A :class:`Schedule`.
+      A [`Schedule`][avgfn.optim.Schedule].
 
     Raises:
       TypeError: an argument of the wrong type.
@@ -262,7 +262,7 @@ def step_decay(lr: float, step_size: int, *, gamma: float = 0.1) -> Schedule:
       gamma: the factor of each decay, ``>= 0``.
 
     Returns:
-      A :class:`Schedule`.
+      A [`Schedule`][avgfn.optim.Schedule].
 
     Raises:
       TypeError: an argument of the wrong type.
@@ -306,7 +306,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
       boundaries: ``len(schedules) - 1`` strictly increasing step counts, each ``>= 1``.
 
     Returns:
-      A :class:`Schedule`.
+      A [`Schedule`][avgfn.optim.Schedule].
 
     Raises:
       TypeError: a schedule that is not callable, or a boundary that is not an int.

@@ -21,7 +21,7 @@ from avgfn.optim._schedules import Schedule, check_lr, lr_at
 
 @record
 class SGDState:
-    """State of :func:`sgd`.
+    """State of [`sgd()`][avgfn.optim.sgd].
 
     Attributes:
       step: int64 count of the steps taken.
@@ -47,7 +47,7 @@ def _check_sgd_options(
     nesterov: bool,
     maximize: bool,
 ) -> tuple[Union[float, Schedule], float, float, float]:
-    """Validate :func:`sgd`'s options, returning ``lr`` and the three floats."""
+    """Validate [`sgd()`][avgfn.optim.sgd]'s options, returning ``lr`` and the three floats."""
     lr = check_lr(lr)
     momentum = check_float("momentum", momentum)
     dampening = check_float("dampening", dampening)
@@ -145,7 +145,7 @@ def sgd(
     compute ``buf * momentum + (1 - dampening) * grad``, and the param moves by
     ``-lr`` times the buffer (Nesterov: times ``grad + momentum * buf``).
 
-    ``lr`` may be a :class:`Schedule`: it is called with the state's ``step``
+    ``lr`` may be a [`Schedule`][avgfn.optim.Schedule]: it is called with the state's ``step``
     (the steps taken before this one), as ``torch.optim.lr_scheduler`` sets a
     learning rate after each step, and the param moves with
     ``torch.addcmul(param, d, -lr)``: a tensor ``lr``, and on CPU the same
@@ -155,7 +155,7 @@ def sgd(
     ``torch.func.vmap`` and ``torch.func.grad``.
 
     Args:
-      lr: the learning rate, ``>= 0``, or a :class:`Schedule` of the step count.
+      lr: the learning rate, ``>= 0``, or a [`Schedule`][avgfn.optim.Schedule] of the step count.
       momentum: the momentum factor, ``>= 0``.
       dampening: dampening of the momentum, ``>= 0``.
       weight_decay: L2 penalty added to the gradient, ``>= 0``.
@@ -163,7 +163,7 @@ def sgd(
       maximize: ascend instead of descend.
 
     Returns:
-      An :class:`avgfn.optim.Optimizer` whose state is an :class:`SGDState`.
+      An [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer] whose state is an [`SGDState`][avgfn.optim.SGDState].
 
     Raises:
       ValueError: a negative hyperparameter, or ``nesterov`` without momentum

@@ -13,7 +13,7 @@ held as one pytree with a leading replica dimension::
 where ``step_fn(params, state, batch, step)`` is the per-replica training step
 that ends in ``avg.update(params, state, step)``. A fixed training task gives
 the same params at every step as W real gloo processes using
-:mod:`avgfn.collectives`, up to the rounding of the summation order.
+[`avgfn.collectives`][avgfn.collectives], up to the rounding of the summation order.
 """
 
 from avgfn.simulate._replica_mean import ReplicaMean as ReplicaMean

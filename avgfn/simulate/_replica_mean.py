@@ -12,7 +12,7 @@ input, the mean over a group of one.
 
 Under nested ``vmap`` the rule runs at the innermost level that batches the
 buffer (torch skips a level whose inputs it does not batch); see
-:func:`replica_mean`.
+[`replica_mean()`][avgfn.simulate.replica_mean].
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _replica_mean_vmap(
 
 
 class ReplicaMean:
-    """A :class:`avgfn.Reduce` over simulated replicas (see :func:`replica_mean`).
+    """A [`avgfn.Reduce`][avgfn.Reduce] over simulated replicas (see [`replica_mean()`][avgfn.simulate.replica_mean]).
 
     Attributes:
       group_size: replicas per group; ``None`` for all the replicas.
@@ -150,7 +150,7 @@ def replica_mean(group_size: Optional[int] = None) -> ReplicaMean:
         checked when the Reduce runs under ``vmap``. ``None``: all replicas.
 
     Returns:
-      A :class:`ReplicaMean`, callable as ``reduce(tensor) -> tensor``.
+      A [`ReplicaMean`][avgfn.simulate.ReplicaMean], callable as ``reduce(tensor) -> tensor``.
 
     Raises:
       TypeError: a non-int ``group_size``.
@@ -186,9 +186,9 @@ PeriodGroupSizes = Union[Mapping[int, int], Sequence[tuple[int, int]]]
 def hierarchy(
     period_group_sizes: PeriodGroupSizes, world_size: int
 ) -> list[tuple[int, ReplicaMean]]:
-    """The simulated twin of :func:`avgfn.collectives.hierarchy`.
+    """The simulated twin of [`avgfn.collectives.hierarchy()`][avgfn.collectives.hierarchy].
 
-    Builds the levels of :func:`avgfn.hierarchical` for ``world_size``
+    Builds the levels of [`avgfn.hierarchical()`][avgfn.hierarchical] for ``world_size``
     replicas stacked under ``vmap``: a level of group size ``g`` averages over
     consecutive groups of ``g`` replicas, as ``dist.new_subgroups`` groups
     consecutive ranks; the last level averages over all ``world_size``. The
@@ -204,7 +204,7 @@ def hierarchy(
       world_size: the number of simulated replicas, ``>= 1``.
 
     Returns:
-      ``[(period, reduce), ...]``, ready for :func:`avgfn.hierarchical`.
+      ``[(period, reduce), ...]``, ready for [`avgfn.hierarchical()`][avgfn.hierarchical].
 
     Raises:
       ValueError: empty or non-increasing periods, a first period ``<= 0``, a

@@ -153,7 +153,7 @@ def _leading_size(tree: Any, what: str) -> tuple[list[Any], Any, int]:
 def unstack(params: Params) -> list[Params]:
     """Split a stacked params pytree into a list of W per-replica pytrees.
 
-    The inverse of :func:`stack`: replica ``i`` gets ``leaf[i]`` of every
+    The inverse of [`stack()`][avgfn.simulate.stack]: replica ``i`` gets ``leaf[i]`` of every
     leaf, as a fresh tensor (writing into it leaves ``params`` as it was). To
     put replica ``i`` back into a module, ``module.load_state_dict(replicas[i],
     strict=False)`` (``strict=False`` when the dict holds no buffers).

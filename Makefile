@@ -25,9 +25,11 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory docs
 
-# The documentation site, built from docs/ and the docstrings; fails on any warning.
+# The documentation site, built from docs/ and the docstrings; fails on any warning and on
+# what a reader would see as broken (tools/check_site.py). Open site/index.html from disk.
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+	$(PY) tools/check_site.py site
 
 # The convergence study: 8 simulated workers per algorithm, then a real 4-process check.
 demo: $(VENV)/.installed

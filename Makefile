@@ -14,15 +14,18 @@ export PYTHONWARNINGS ?= ignore:Failed to initialize NumPy
 
 venv: $(VENV)/.installed
 
+# The [torchft] extra (tests/test_torchft.py): torchft 0.2 asks for torch>=2.7, which the CPU
+# torch installed first satisfies, so pip keeps that build and pulls no CUDA one.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[test,docs,demo]"
+	$(PY) -m pip install --quiet -e ".[test,docs,demo,torchft]"
 	touch $@
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+	$(PY) -m mypy
 	$(MAKE) --no-print-directory docs
 
 # The documentation site, built from docs/ and the docstrings; fails on any warning and on

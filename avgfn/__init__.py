@@ -28,6 +28,8 @@ from avgfn._training.compose import AveragingState as AveragingState
 from avgfn._training.compose import AveragingUpdate as AveragingUpdate
 from avgfn._training.compose import with_averaging as with_averaging
 from avgfn._checkpoint import state_dict as state_dict
+from avgfn._dcp import load_sharded_state_dict as load_sharded_state_dict
+from avgfn._dcp import sharded_state_dict as sharded_state_dict
 from avgfn._algorithms.outer import DiLoCoState as DiLoCoState
 from avgfn._algorithms.diloco import diloco as diloco
 from avgfn._core.errors import AveragingError as AveragingError
@@ -40,6 +42,8 @@ from avgfn._algorithms.hierarchical import hierarchical as hierarchical
 from avgfn._training.inner_state import sync_inner_state as sync_inner_state
 from avgfn._training.inner_state import with_inner_state as with_inner_state
 from avgfn._adapters.module import ModuleAverager as ModuleAverager
+from avgfn._algorithms.overlapped import OverlappedDiLoCoState as OverlappedDiLoCoState
+from avgfn._algorithms.overlapped import overlapped_diloco as overlapped_diloco
 from avgfn._algorithms.periodic import PeriodicState as PeriodicState
 from avgfn._algorithms.periodic import periodic as periodic
 from avgfn._algorithms.post_local import GradientSchedule as GradientSchedule
@@ -80,6 +84,7 @@ __all__ = [
     "InitFn",
     "ModuleAverager",
     "NonFiniteError",
+    "OverlappedDiLoCoState",
     "Params",
     "PeerError",
     "Pending",
@@ -103,12 +108,15 @@ __all__ = [
     "fedavgm",
     "hierarchical",
     "load_state_dict",
+    "load_sharded_state_dict",
     "optim",
+    "overlapped_diloco",
     "periodic",
     "post_local_gradients",
     "post_local_sgd",
     "simulate",
     "slowmo",
+    "sharded_state_dict",
     "state_dict",
     "streaming_diloco",
     "swa",

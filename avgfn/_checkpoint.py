@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from avgfn._core import tree as _tree
+from avgfn._round import sharded as _sharded
 
 _SCALARS = (bool, int, float)
 
@@ -23,6 +24,12 @@ def state_dict(state: Any) -> dict[str, Any]:
     e.g. ``".rounds"``). The dict holds the state's own tensors (no copies);
     ``torch.save`` it, and read it back with ``torch.load(..., weights_only=True)``.
 
+    A tensor still in flight (the result of a collective that an averager
+    started at one step and reads at a later one, such as the average
+    [`avgfn.overlapped_diloco()`][avgfn.overlapped_diloco] holds between two sync steps) is waited
+    for here: the dict holds its value, and a failure of that collective
+    raises here, before anything is written.
+
     Args:
       state: a state from an averager's ``init`` or ``update`` (or any pytree
         of tensors and Python scalars).
@@ -32,6 +39,7 @@ def state_dict(state: Any) -> dict[str, Any]:
 
     Raises:
       TypeError: a leaf that is neither a tensor nor a Python scalar.
+      Exception: the failure of a collective in flight (as its ``wait`` raises it).
 
     Examples:
       >>> import torch, avgfn
@@ -48,8 +56,17 @@ def state_dict(state: Any) -> dict[str, Any]:
                 f"state_dict: the state leaf at {key or '<root>'} is "
                 f"{type(leaf).__name__}, not a tensor or a Python scalar"
             )
-        out[key] = leaf
+        out[key] = _settled(leaf)
     return out
+
+
+def _settled(leaf: Any) -> Any:
+    """The value of ``leaf``, waited for when it is a collective's result still in flight."""
+    if isinstance(leaf, torch.Tensor) and type(leaf) is not torch.Tensor:
+        wait = getattr(leaf, "wait", None)  # torch's AsyncCollectiveTensor
+        if callable(wait):
+            return wait()
+    return leaf
 
 
 def _check_leaf(key: str, template: Any, value: Any) -> Any:
@@ -62,6 +79,17 @@ def _check_leaf(key: str, template: Any, value: Any) -> Any:
             raise ValueError(
                 f"load_state_dict: {key!r} must be a {template.dtype} tensor of shape "
                 f"{tuple(template.shape)}, got {value.dtype} of shape {tuple(value.shape)}"
+            )
+        if _sharded.is_dtensor(template) and (
+            not _sharded.is_dtensor(value)
+            or tuple(value.placements) != tuple(template.placements)  # type: ignore[attr-defined]
+            or value.device_mesh != template.device_mesh  # type: ignore[attr-defined]
+        ):
+            raise ValueError(
+                f"load_state_dict: {key!r} must be a DTensor laid out as the template's "
+                f"({_sharded.describe_layout(template)}), got "
+                + (_sharded.describe_layout(value) if _sharded.is_dtensor(value) else "a plain tensor")
+                + " (load onto the mesh the state was saved from)"
             )
         return value.to(device=template.device)
     if type(value) is not type(template):

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as _funcol
 
 from avgfn._core.errors import PeerError, ReplicaMismatchError
 from avgfn._core.levels import group_sizes
@@ -72,6 +73,12 @@ class GroupMean:
     by the group size, then the group sums), so results match torch bit for
     bit. A rank outside the group gets its input back unchanged.
 
+    While ``torch.compile`` traces, the sum is torch's functional all-reduce,
+    so a step that ends in ``avg.update`` compiles with ``fullgraph=True``
+    and gives the eager bits; there the per-round agreement is skipped and a
+    failure surfaces as torch's error after the group's own timeout, not as
+    [`avgfn.PeerError`][avgfn.PeerError] after ``timeout`` (see ``docs/collectives.md``).
+
     Attributes:
       group: the process group (``None``: the default group).
       timeout: seconds a round may wait for its peers before it raises
@@ -111,7 +118,7 @@ class GroupMean:
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.start(tensor).wait()
 
-    def start(self, tensor: torch.Tensor) -> "_PendingMean":
+    def start(self, tensor: torch.Tensor) -> Union["_PendingMean", "_TracedSum"]:
         """Begin the mean of ``tensor`` without waiting (``async_op=True``).
 
         The buckets of a round (``bucket_bytes``) use this to pack the next
@@ -132,11 +139,21 @@ class GroupMean:
         """
         return max(self.size, 1)
 
-    def start_sum(self, tensor: torch.Tensor) -> "_PendingMean":
-        """Begin the sum of ``tensor`` (already divided by `divisor()`) over the group."""
+    def start_sum(self, tensor: torch.Tensor) -> Union["_PendingMean", "_TracedSum"]:
+        """Begin the sum of ``tensor`` (already divided by `divisor()`) over the group.
+
+        Eagerly this is a c10d ``all_reduce(async_op=True)`` whose ``wait``
+        honours `timeout` and raises [`avgfn.PeerError`][avgfn.PeerError]. While
+        ``torch.compile`` traces, it is torch's functional all-reduce instead
+        (``torch.distributed._functional_collectives.all_reduce``, a sum, the
+        same bits): an op of the graph, whose result waits where it is first
+        read. Its wait is the group's own (see ``docs/collectives.md``).
+        """
         group = self._group()
         if dist.get_rank(group) < 0:
             return _PendingMean(self, None, tensor, 0.0)
+        if torch.compiler.is_compiling():
+            return _TracedSum(_funcol.all_reduce(tensor, "sum", group))
         started = time.monotonic()
         try:
             work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
@@ -162,17 +179,33 @@ class GroupMean:
         the group must call it; it waits at most ``timeout`` for its peers,
         then raises [`avgfn.PeerError`][avgfn.PeerError].
         """
+        self.start_agree(digest, entries).wait()
+
+    def start_agree(self, digest: bytes, entries: Any) -> "_Agreement":
+        """Begin `agree()` without waiting; its ``wait()`` raises as `agree()` does.
+
+        The round engine packs its buffer while the check is on the wire. The
+        caller must not start another collective on the group before ``wait()``.
+        """
         group = self._group()
-        if dist.get_rank(group) < 0:
-            return
+        if dist.get_rank(group) < 0 or torch.compiler.is_compiling():
+            # Under torch.compile the check (a host-side digest, then .item()) cannot be a
+            # graph op: it is skipped, as under vmap (see docs/collectives.md).
+            return _Agreement(self, None, 0, entries)
         value = int.from_bytes(digest[:8], "little", signed=True) >> 1  # room for the negation
         probe = torch.tensor([value, -value], dtype=torch.int64)
-        self._collective(lambda: dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group, async_op=True))
-        if probe[0].item() == value and probe[1].item() == -value:
-            return
-        gathered = self._gather_entries(entries(), group)
+        started = time.monotonic()
+        try:
+            work = dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group, async_op=True)
+        except RuntimeError as error:
+            raise self._failure(error, started) from error
+        return _Agreement(self, _PendingMean(self, work, probe, started), value, entries)
+
+    def _mismatch(self, entries: list[tuple[str, str]]) -> ReplicaMismatchError:
+        group = self._group()
+        gathered = self._gather_entries(entries, group)
         ranks = dist.get_process_group_ranks(group)
-        raise ReplicaMismatchError(
+        return ReplicaMismatchError(
             f"the replicas of {self.describe()} hold params that differ: "
             + _first_difference(gathered, ranks)
             + " (averaging them would fail or mix unrelated numbers, so nothing was averaged; "
@@ -232,15 +265,23 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
                 f"rank {ranks[0]} averages at step {mine.get('<step>')}, rank {rank} at step "
                 f"{theirs.get('<step>')} (their schedules are out of step)"
             )
+        for who, entries_of in ((ranks[0], mine), (rank, theirs)):
+            if "<refused>" in entries_of:
+                return f"rank {who} refused the round ({entries_of['<refused>']})"
+        if mine.get("<round>") != theirs.get("<round>"):
+            return (
+                f"rank {ranks[0]} runs its rounds as {mine.get('<round>')}, rank {rank} as "
+                f"{theirs.get('<round>')} (build every replica's averager with the same Round)"
+            )
         for path, what in first:
-            if path in ("<values>", "<step>"):
+            if path in ("<values>", "<step>", "<round>", "<refused>"):
                 continue
             if path not in theirs:
                 return f"rank {ranks[0]} has {path}: {what}, rank {rank} has no leaf {path}"
             if theirs[path] != what:
                 return f"rank {ranks[0]} has {path}: {what}, rank {rank} has {path}: {theirs[path]}"
         for path, what in other:
-            if path not in ("<values>", "<step>") and path not in mine:
+            if path not in ("<values>", "<step>", "<round>", "<refused>") and path not in mine:
                 return f"rank {ranks[0]} has no leaf {path}, rank {rank} has {path}: {what}"
         if mine.get("<values>") != theirs.get("<values>"):
             return f"rank {ranks[0]} and rank {rank} start from different values"
@@ -267,6 +308,40 @@ class _PendingMean:
             except RuntimeError as error:
                 raise self.owner._failure(error, self.started) from error
         return self.tensor
+
+
+class _TracedSum:
+    """A functional all-reduce in a traced graph: its result waits where it is first read."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: torch.Tensor) -> None:
+        self.result = result
+
+    def wait(self) -> torch.Tensor:
+        return self.result
+
+
+class _Agreement:
+    """An agreement check on the wire (`GroupMean.start_agree()`)."""
+
+    __slots__ = ("owner", "pending", "value", "entries")
+
+    def __init__(self, owner: GroupMean, pending: Optional[_PendingMean], value: int, entries: Any) -> None:
+        self.owner = owner
+        self.pending = pending
+        self.value = value
+        self.entries = entries
+
+    def wait(self) -> None:
+        """Return when every rank handed in the same digest; raise on every rank otherwise."""
+        if self.pending is None:
+            return
+        probe = self.pending.wait()
+        self.pending = None
+        if probe[0].item() == self.value and probe[1].item() == -self.value:
+            return
+        raise self.owner._mismatch(self.entries())
 
 
 def all_reduce_mean(group: Optional[dist.ProcessGroup] = None, *, timeout: Timeout = None) -> GroupMean:
@@ -372,8 +447,11 @@ class CommHookState:
       gradients: the [`avgfn.GradientSchedule`][avgfn.GradientSchedule].
       step: a callable returning the current 0-based iteration, or ``None``.
       iteration: the hook's own iteration counter, used when ``step`` is
-        ``None``: advanced after the last bucket of each backward pass, as
-        torch's ``PostLocalSGDState.iter`` is (save it with your checkpoint).
+        ``None``. Exactly as torch's ``PostLocalSGDState.iter``: advanced
+        after the last bucket of each backward pass until it reaches
+        ``gradients.start_step``, where it stops (every later iteration is in
+        the local phase, so there is nothing more to count). Save it with your
+        checkpoint; with ``step`` given, it stays at its initial value.
     """
 
     __slots__ = ("gradients", "step", "iteration")
@@ -392,18 +470,19 @@ class CommHookState:
         return f"CommHookState(start_step={self.gradients.start_step}, {source}, iteration={self.iteration})"
 
 
-def _completed(tensor: torch.Tensor) -> torch.futures.Future:
-    future: torch.futures.Future = torch.futures.Future()
+def _completed(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(tensor)
     return future
 
 
-def _post_local_hook(state, bucket):  # noqa: ANN001, ANN202
+def _post_local_hook(state, bucket):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     # No annotations on purpose: DDP compares them with dist.GradBucket and
-    # Future[Tensor] at registration, and this module's annotations are strings.
+    # Future[Tensor] at registration, and this module's annotations are strings
+    # (so mypy is told above not to ask for them; it still checks the body).
     step = state.current_step()
-    if state.step is None and bucket.is_last():
-        state.iteration += 1
+    if state.step is None and bucket.is_last() and step < state.gradients.start_step:
+        state.iteration += 1  # torch's counter stops at start_localSGD_iter, and so does this one
     reduce = state.gradients.reduce_at(step)
     buffer = bucket.buffer()
     if reduce is None:
@@ -412,6 +491,8 @@ def _post_local_hook(state, bucket):  # noqa: ANN001, ANN202
         # Asynchronous, overlapping the rest of the backward pass: GroupMean's
         # own arithmetic (divide, then sum), which is torch's _allreduce_fut's.
         pending = reduce.start(buffer)
+        if not isinstance(pending, _PendingMean):  # traced: the functional collective's result
+            return _completed(pending.wait())
         if pending.work is None:  # a rank outside the group
             return _completed(pending.tensor)
         return pending.work.get_future().then(lambda fut: fut.value()[0])
@@ -438,7 +519,8 @@ def ddp_comm_hook(gradients: Any, *, step: Optional[Any] = None) -> tuple[CommHo
     One counter: pass ``step=lambda: opt.iteration`` with an
     [`avgfn.AveragingOptimizer`][avgfn.AveragingOptimizer] ``opt``, and the hook and the parameter
     averaging read the same counter (which ``opt.state_dict()`` saves). Without
-    ``step``, the hook counts backward passes itself, as torch's does.
+    ``step``, the hook counts backward passes itself, as torch's does, up to
+    the switch step (see [`CommHookState`][avgfn.collectives.CommHookState]).
 
     Args:
       gradients: an [`avgfn.GradientSchedule`][avgfn.GradientSchedule] (``post_local_sgd(...).gradients``)

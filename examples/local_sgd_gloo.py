@@ -1,6 +1,6 @@
 """Local SGD on two CPU processes over gloo, written with torch.func and avgfn.
 
-Run it with ``make demo``, which is::
+Run it with::
 
     torchrun --standalone --nnodes 1 --nproc-per-node 2 examples/local_sgd_gloo.py
 

@@ -1,7 +1,13 @@
 """Local SGD with 8 simulated workers in one process (``avgfn.simulate`` under ``vmap``).
 
-Usage:
-    python examples/simulate_local_sgd.py [--workers 8] [--steps 300] [--period 8]
+Run it with::
+
+    python examples/simulate_local_sgd.py
+
+from the root of the repository (the script imports avgfn from its checkout,
+installed or not). Its options: ``--workers`` (default 8), ``--steps`` (300),
+``--period`` (8), ``--batch`` (the mini-batch of each worker, 32), ``--lr``
+(0.3) and ``--seed`` (0).
 
 The task is made here, with a fixed seed, and nothing is downloaded: three
 interleaved noisy spirals in the plane (a classification that a linear model

@@ -37,6 +37,7 @@ from _dist import run_world
 from avgfn import collectives, optim, simulate
 from avgfn import chain
 from avgfn import diloco
+from avgfn import overlapped_diloco
 from avgfn import slowmo
 from avgfn import streaming_diloco
 from avgfn import ema, swa
@@ -61,6 +62,7 @@ class Comm:
 
     mean: Any
     hierarchy: Callable[[dict[int, int]], list]
+    replicas: Any = None  # the group size, where ``mean`` cannot tell it (eager updates need it)
 
 
 def _weight(params: Any, step: int) -> torch.Tensor:
@@ -97,6 +99,8 @@ REGISTRY: dict[str, Entry] = {
     "ema": Entry(lambda c: ema(0.8, start=2), True),
     "swa": Entry(lambda c: swa(start=3, every=2), True),
     "chain_diloco_ema": Entry(lambda c: chain(diloco(4, reduce=c.mean), ema(0.9))),
+    "overlapped": Entry(lambda c: overlapped_diloco(3, reduce=c.mean, num_replicas=c.replicas)),
+    "overlapped_delayed": Entry(lambda c: overlapped_diloco(3, reduce=c.mean, eager=False)),
 }
 
 NAMES = sorted(REGISTRY)
@@ -106,13 +110,13 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-ALONE = Comm(_identity, lambda spec: [(period, _identity) for period in spec])
+ALONE = Comm(_identity, lambda spec: [(period, _identity) for period in spec], 1)
 
 
 def _fake_comm() -> Comm:
     """A group with one peer whose buffers are half of ours."""
     peer = peers_mean(lambda t: t * 0.5)
-    return Comm(peer, lambda spec: [(period, peer) for period in spec])
+    return Comm(peer, lambda spec: [(period, peer) for period in spec], 2)
 
 
 # --- the task ---------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def simulated_run(name: str, world: int):
         # in a world of one every level is the group of one
         return simulate.hierarchy(spec if world == WORLD else {p: world for p in spec}, world)
 
-    comm = Comm(simulate.replica_mean(), levels)
+    comm = Comm(simulate.replica_mean(), levels, world)
     avg = REGISTRY[name].make(comm)
     stacked = simulate.stack([initial_params(r) for r in range(world)])
     xs = torch.stack([data(r)[0] for r in range(world)], dim=1)

@@ -28,7 +28,7 @@ from avgfn.demo import (
     split,
 )
 from avgfn.demo.__main__ import main
-from avgfn.demo._report import format_bytes, format_ratio
+from avgfn.demo._report import explain, find_overfitting, format_bytes, format_ratio
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The class sizes of the 1797 UCI test digits (the copy scikit-learn ships).
@@ -215,6 +215,7 @@ def test_every_algorithm_communicates_as_its_schedule_says():
         "hierarchical": ({"all 4": 2, "groups of 2": 6}, full),  # all at 0, 16; pairs at 4, 8, ...
         "diloco": ({"all 4": 2}, full),  # after steps 15 and 31
         "streaming-diloco": ({"all 4": 4}, None),  # fragment 0 sent at 6, 22; fragment 1 at 14, 30
+        "overlapped-diloco": ({"all 4": 2}, full),  # started after steps 15 and 31, each applied a round later
         "slowmo": ({"all 4": 2}, full),
     }
     assert set(expected) == set(ALGORITHMS)
@@ -316,6 +317,101 @@ def test_progress_redraws_in_place_on_a_terminal():
 def test_report_formats():
     assert format_bytes(17_222_400) == "17.22 MB" and format_bytes(12) == "12 B"
     assert format_ratio(480, 30) == "1/16" and format_ratio(480, 143) == "1/3.4"
+
+
+# --- the notes under the table, and the figure ---------------------------------------------
+
+
+def _points(test, train, acc=None, every=16):
+    acc = acc or [0.9] * len(test)
+    return [(every * i, t, a, tr) for i, (t, a, tr) in enumerate(zip(test, acc, train))]
+
+
+FALLING = [2.3, 0.8, 0.4, 0.25, 0.2, 0.18, 0.16, 0.15]
+# DiLoCo's shape in the study: lowest at step 128, then up while the training loss goes to 0.
+OVERFIT_TEST = [2.3, 0.8, 0.25, 0.21, 0.206, 0.24, 0.26, 0.29, 0.33]
+OVERFIT_TRAIN = [2.3, 0.7, 0.21, 0.12, 0.062, 0.035, 0.017, 0.005, 0.0002]
+
+
+def test_find_overfitting_reports_the_minimum_and_the_end():
+    found = find_overfitting(_points(OVERFIT_TEST, OVERFIT_TRAIN))
+    assert found is not None
+    assert (found.best_step, found.best_loss, found.end_step, found.end_loss) == (64, 0.206, 128, 0.33)
+    assert (found.train_at_best, found.train_at_end) == (0.062, 0.0002)
+
+
+@pytest.mark.parametrize(
+    "test, train",
+    [
+        (FALLING, FALLING),  # both keep falling: nothing to explain
+        ([*FALLING[:-1], 0.4], FALLING),  # one bad last point is not a rise
+        ([*FALLING[:-2], 0.4, 0.15], FALLING),  # nor is a spike
+        ([*FALLING[:-2], 0.17, 0.165], FALLING),  # up by less than 20%
+        (OVERFIT_TEST, [*OVERFIT_TRAIN[:5], 0.07, 0.1, 0.2, 0.5]),  # diverging: train rises too
+        (OVERFIT_TEST, [*OVERFIT_TRAIN[:5], 0.06, 0.06, 0.06, 0.058]),  # train flat: not overfitting
+        ([2.0, 1.0], [2.0, 1.0]),  # too short to say
+    ],
+)
+def test_find_overfitting_stays_quiet_where_there_is_none(test, train):
+    assert find_overfitting(_points(test, train)) is None
+
+
+def _result(name, test, train, acc=None):
+    from avgfn.demo import Result
+
+    acc = acc or [0.95] * len(test)
+    curve = [(16 * i, i, 1000 * i, t, a, tr) for i, (t, a, tr) in enumerate(zip(test, acc, train))]
+    return Result(name, f"{name} did it", curve, train[-1], 0.99, test[-1], acc[-1], Ledger(), {}, 0.0)
+
+
+def test_explain_says_overfitting_with_the_step_and_what_the_accuracy_did():
+    quiet = _result("sync-dp", FALLING, FALLING)
+    holds = _result("diloco", OVERFIT_TEST, OVERFIT_TRAIN, [0.9, 0.93, 0.94, 0.949, 0.949, 0.95, 0.96, 0.96, 0.966])
+    drops = _result("slowmo", OVERFIT_TEST, OVERFIT_TRAIN, [0.9, 0.93, 0.94, 0.95, 0.96, 0.95, 0.93, 0.92, 0.91])
+    assert explain([quiet]) == []
+    text = " ".join(line.strip() for line in explain([quiet, holds, drops]))
+    assert "sync-dp" not in text
+    assert text.startswith("diloco: overfitting. Its held-out loss is lowest at step 64 (0.206) and rises to "
+                           "0.330 by step 128, while its training loss falls from 0.062 to 0.000.")
+    assert "accuracy does not drop (94.9% at step 64, 96.6% at the end)" in text
+    assert "slowmo: overfitting." in text and "accuracy drops too (96.0% at step 64, 91.0% at the end)" in text
+    assert all(len(line) <= 100 for line in explain([holds, drops]))
+
+
+def test_the_demo_prints_the_notes_under_its_table(monkeypatch, tmp_path):
+    import avgfn.demo.__main__ as demo_main
+
+    results = [_result("sync-dp", FALLING, FALLING), _result("diloco", OVERFIT_TEST, OVERFIT_TRAIN)]
+    monkeypatch.setattr(demo_main, "run_study", lambda names, config, progress=None: (None, results))
+    code, out, _ = _main("--no-torchrun", "--workers", "2", "--steps", "128", "--algorithms", "sync-dp,diloco",
+                         "--out", str(tmp_path / "demo.png"))  # fmt: skip
+    assert code == 0, out
+    after_table = out[out.index("diloco did it") :]
+    assert "Why a curve does what it does:\n  diloco: overfitting. Its held-out loss is lowest at step 64" in after_table
+    assert "sync-dp: overfitting" not in out
+
+
+def test_the_figure_has_a_legend_in_each_panel_and_lines_told_apart():
+    pytest.importorskip("matplotlib", reason="the figure needs the demo extra (matplotlib)")
+    from avgfn.demo._plot import figure
+
+    names = list(ALGORITHMS)
+    results = [_result(name, FALLING, FALLING) for name in names]
+    fig = figure(results, make_task(Config(workers=2, steps=4)))
+    by_step, by_bytes = fig.axes
+    looks = {}
+    for axes in (by_step, by_bytes):
+        legend = axes.get_legend()
+        assert legend is not None, axes.get_xlabel()
+        assert [t.get_text() for t in legend.get_texts()] == names
+        lines = axes.get_lines()
+        assert [line.get_label() for line in lines] == names
+        look = [(line.get_color(), line.get_linestyle(), line.get_marker()) for line in lines]
+        # every line differs from every other in its colour, and in its dash or its marker
+        assert len({c for c, _, _ in look}) == len(names)
+        assert len({(d, m) for _, d, m in look}) == len(names)
+        for name, each in zip(names, look):
+            assert looks.setdefault(name, each) == each  # the same look in both panels
 
 
 # --- the real run -------------------------------------------------------------------------

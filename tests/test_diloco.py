@@ -176,22 +176,43 @@ def test_where_leaves_other_leaves_alone():
     assert new["s"].item() == 6.0 and new["tag"] == 3
 
 
-def test_init_copies_and_verifies_only_the_selected_leaves():
+def test_init_checks_the_structure_and_the_first_round_the_global_copy():
     class Checking(avgfn.ForwardingReduce):
-        entries = None
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.checks = []
 
         def agree(self, digest, entries):
-            self.entries = entries()
+            self.checks.append(entries())
 
     reduce = Checking(lambda t: t)
     params = {"w": torch.ones(2), "count": torch.tensor(3)}
-    state = diloco(2, reduce=reduce).init(params)
-    assert reduce.entries[:2] == [("['w']", "(2,) torch.float32"), ("['count']", "NoneType")]
-    assert reduce.entries[2][0] == "<values>"
+    avg = diloco(2, reduce=reduce, round=avgfn.Round(agree=False))
+    state = avg.init(params)
+    # init compares the structure of the selected leaves only: a resume builds
+    # its template from mid-period params, which differ between replicas
+    assert reduce.checks == [[("['w']", "(2,) torch.float32"), ("['count']", "NoneType")]]
     assert state.global_params[0] is not params["w"] and torch.equal(state.global_params[0], params["w"])
-    reduce.entries = None
-    diloco(2, reduce=reduce, round=avgfn.Round(verify=None)).init(params)
-    assert reduce.entries is None
+    local = {"w": torch.full((2,), 0.5), "count": torch.tensor(4)}
+    same, same_state = avg.update(local, state, 0)  # an off-step checks nothing
+    assert same is local and same_state is state
+    assert len(reduce.checks) == 1
+    # the first round compares the values of the global copy (not the local params)
+    _, state = avg.update(local, state, 1)
+    assert len(reduce.checks) == 2
+    first_round = reduce.checks[1]
+    assert first_round[:2] == [("['w']", "(2,) torch.float32"), ("['count']", "NoneType")]
+    assert first_round[2][0] == "<values>"
+    # ... once: later rounds keep the copies equal
+    avg.update(local, state, 3)
+    assert len(reduce.checks) == 2
+    reduce.checks.clear()
+    quiet = diloco(2, reduce=reduce, round=avgfn.Round(verify=None, agree=False))
+    quiet.update(local, quiet.init(params), 1)
+    assert reduce.checks == []
+    structure = diloco(2, reduce=reduce, round=avgfn.Round(verify="structure", agree=False))
+    structure.update(local, structure.init(params), 1)
+    assert len(reduce.checks) == 1 and reduce.checks[0][-1][0] != "<values>"
 
 
 # --- non-finite pseudo-gradients --------------------------------------------------------

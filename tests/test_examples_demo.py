@@ -1,4 +1,4 @@
-"""``make demo``'s script, run for real: two processes under torchrun on gloo."""
+"""examples/local_sgd_gloo.py, run for real: two processes under torchrun on gloo."""
 
 from __future__ import annotations
 

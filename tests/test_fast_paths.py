@@ -53,7 +53,7 @@ def test_buckets_and_donation_equal_the_default_exactly(bucket_bytes, donate):
     numel = sum(v.numel() for k, v in params.items() if k != "idx")
     data = reduce.inputs[1:] if donate else reduce.inputs  # a donating round exchanges health first
     if donate:
-        assert reduce.inputs[0].tolist() == [0.0, 1.0]  # [unhealthy, healthy]
+        assert reduce.inputs[0].tolist() == [0.0, 1.0, 0.0]  # [unhealthy, healthy, no room to sum]
     assert sum(t.numel() for t in data) == numel
     assert max(t.numel() * 4 for t in data) <= max(bucket_bytes // 2, 4)
 

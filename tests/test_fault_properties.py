@@ -76,6 +76,8 @@ FACTORIES: dict[str, Make] = {
     "ema": lambda r, p, w: ema(0.8, start=w, every=p),
     "swa": lambda r, p, w: swa(start=w, every=p),
     "chain_diloco_ema": lambda r, p, w: chain(diloco(p, reduce=r), ema(0.9)),
+    "overlapped": lambda r, p, w: avgfn.overlapped_diloco(p, reduce=r, num_replicas=1),
+    "overlapped_delayed": lambda r, p, w: avgfn.overlapped_diloco(p, reduce=r, eager=False),
 }
 NAMES = sorted(FACTORIES)
 # FAULT_EXAMPLES=3000 for a longer search than CI's.

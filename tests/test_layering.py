@@ -9,6 +9,7 @@ The layers, from the bottom:
 * ``_training``: composition with a training step. Imports the layers below it.
 * ``_adapters``: ``nn.Module`` and ``torch.optim`` drivers, at the top.
 * ``collectives`` and ``simulate``: Reduces for real and simulated groups. Import only ``_core``.
+* ``torchft``: the Reduce over a torchft quorum and its replica driver. Imports ``_core`` and ``_checkpoint``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ ALLOWED = {
     "optim": {"_core", "optim"},
     "collectives": {"_core"},
     "simulate": {"_core", "simulate"},
+    "torchft": {"_core", "_checkpoint"},
     "_algorithms": {"_core", "_round", "optim", "_algorithms"},
     "_training": {"_core", "_round", "optim", "_algorithms", "_training"},
 }
@@ -109,4 +111,6 @@ def test_only_collectives_imports_torch_distributed():
     # the demo's real-process runner is a program at the edge, like an example
     users = [p.relative_to(PACKAGE).as_posix() for p in _modules()
              if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in _imports(p))]
-    assert users == ["collectives.py", "demo/_real.py"]
+    # torchft: ReduceOp for its Manager; _round/sharded.py: DTensor leaves (their shards, and one
+    # flag and-ed over their mesh); _dcp.py: checkpoints through torch.distributed.checkpoint
+    assert users == ["_dcp.py", "_round/sharded.py", "collectives.py", "demo/_real.py", "torchft.py"]

@@ -96,6 +96,7 @@ def test_local_buffers_refused_when_the_wrapper_broadcasts_them():
 
 def test_failed_reduce_writes_nothing():
     model = _model()
+    _train(model)  # torch's filter (the default) averages only params with a gradient
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     avg = ModuleAverager(model, avgfn.periodic(2, reduce=testing.raising_reduce()))
     state = avg.state

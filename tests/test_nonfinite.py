@@ -64,7 +64,7 @@ def test_donation_exchanges_health_first_and_writes_nothing():
     reduce = RecordingReduce()
     with pytest.raises(avgfn.NonFiniteError, match="this replica holds non-finite values at"):
         avgfn.average(params, reduce, round=avgfn.Round(donate=True))
-    assert reduce.calls == 1 and reduce.inputs[0].tolist() == [1.0, 0.0]  # only the flag moved
+    assert reduce.calls == 1 and reduce.inputs[0].tolist() == [1.0, 0.0, 1.0]  # only the flags moved (unhealthy, healthy, no room)
     assert torch.equal(params["a"], before)
 
 
@@ -122,3 +122,21 @@ def test_raise_under_vmap_keeps_each_replica_where_the_mean_is_not_finite():
 def test_exclude_with_no_healthy_replica_raises_eagerly():
     with pytest.raises(avgfn.NonFiniteError, match="nonfinite='exclude'"):
         avgfn.average(_params("b"), lambda t: t, round=avgfn.Round(nonfinite="exclude"))
+
+
+def test_an_excluded_replica_sends_none_of_its_carried_rounding_error():
+    # this replica is unhealthy and carries a residual of 0.25 per element; its
+    # healthy peer holds 3.0: the mean of the healthy replicas is the peer's 3.0
+    def peer(t):
+        if t.numel() == 3 and t.dtype == torch.float32:  # the health flags: healthy, with room
+            return torch.tensor([0.0, 1.0, 0.0])
+        return torch.full_like(t, 3.0)
+
+    rnd = avgfn.Round(comm_dtype=torch.bfloat16, error_feedback=True, nonfinite="exclude")
+    avg = avgfn.periodic(1, reduce=avgfn.testing.peers_mean(peer), round=rnd)
+    params = {"w": torch.tensor([1.0, NAN, 2.0])}
+    state = avg.init(params)
+    state = state.replace(residual=(torch.full((3,), 0.25),))
+    new, after = avg.update(params, state, 0)
+    assert new["w"].tolist() == [3.0, 3.0, 3.0]
+    assert after.residual[0].tolist() == [0.25] * 3  # kept for the next round it takes part in

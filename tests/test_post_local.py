@@ -336,12 +336,13 @@ def test_hook_counts_iterations_like_torch():
     node = testing.RecordingReduce(lambda t: t * 3)
     sched = post_local_gradients(2, global_reduce=world, local_reduce=node)
     state, hook = ddp_comm_hook(sched)
-    results = []
+    results, counters = [], []
     for iteration in range(4):
-        # Two buckets per backward pass; the last one advances the counter.
+        # Two buckets per backward pass; the last one advances the counter...
         for last in (False, True):
             results.append(hook(state, FakeBucket([1.0, 2.0], last)).wait())
-    assert state.iteration == 4
+        counters.append(state.iteration)
+    assert counters == [1, 2, 2, 2]  # ...up to the switch step, where torch's stops too
     assert (world.calls, node.calls) == (4, 4)
     assert [r.tolist() for r in results] == [[2.0, 4.0]] * 4 + [[3.0, 6.0]] * 4
 

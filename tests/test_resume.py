@@ -5,6 +5,8 @@ saved each rank's checkpoint in the middle of an averaging period with
 ``torch.save``). Here a fresh 4-process world builds everything anew, loads
 the checkpoints with ``torch.load(weights_only=True)``, and runs to the end:
 every parameter at every remaining step must equal the uninterrupted run's.
+Every other averager, and the adapters around ``diloco``, are resumed the same
+way in ``test_resume_registry.py``.
 """
 
 from __future__ import annotations

@@ -398,7 +398,8 @@ def test_each_round_agrees_once_through_the_reduce_with_its_step():
     assert len(reduce.calls) == 1
     entries = reduce.calls[0][1]()
     assert entries[0] == ("<step>", "4")
-    assert [path for path, _ in entries[1:]] == ["['a']", "['b']"]
+    assert entries[1] == ("<round>", "comm_dtype=None, bucket_bytes=None, health flag=False")
+    assert [path for path, _ in entries[2:]] == ["['a']", "['b']"]
     reduce.calls.clear()
     avg.update(params, state, 5)  # an off-step
     assert reduce.calls == []
@@ -431,7 +432,7 @@ def test_module_averager_reports_a_donated_round_as_a_change():
     model = torch.nn.Linear(3, 1, bias=False)  # one param: the donated round runs in place
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # period 1 warns as torch does
-        avg = avgfn.ModuleAverager(model, avgfn.periodic(1, reduce=R, round=_donate()))
+        avg = avgfn.ModuleAverager(model, avgfn.periodic(1, reduce=R, round=_donate()), params="all")
     assert avg.step(0) is True
     assert avg.step(1) is True
 
@@ -440,7 +441,7 @@ def test_module_averager_writes_a_donated_average_once_and_keeps_off_steps_false
     model = torch.nn.Linear(3, 1, bias=False)
     before = model.weight.detach().clone()
     storage = model.weight.data_ptr()
-    avg = avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=HALF, round=_donate()))
+    avg = avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=HALF, round=_donate()), params="all")
     assert avg.step(0) is True
     assert torch.equal(model.weight.detach(), before / 2) and model.weight.data_ptr() == storage
     assert avg.step(1) is False
@@ -457,13 +458,15 @@ def test_module_averager_still_reports_no_change_for_a_temporal_average():
 def test_a_skipped_donated_round_hands_back_the_params_themselves():
     # the health flags say one of two replicas is unhealthy: "skip" keeps everything
     def reduce(t):
-        return torch.tensor([0.5, 0.5]) if t.numel() == 2 else t
+        return torch.tensor([0.5, 0.5, 0.0]) if t.numel() == 3 else t  # [unhealthy, healthy, no room]
 
     params = {"w": torch.ones(3)}
     out = avgfn.average(params, reduce, round=avgfn.Round(donate=True, nonfinite="skip"))
     assert out is params and torch.equal(params["w"], torch.ones(3))
     model = torch.nn.Linear(3, 1, bias=False)
-    live = avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=reduce, round=avgfn.Round(donate=True, nonfinite="skip")))
+    live = avgfn.ModuleAverager(
+        model, avgfn.periodic(2, reduce=reduce, round=avgfn.Round(donate=True, nonfinite="skip")), params="all"
+    )  # no backward pass here: "all", or torch's filter would leave the weight out
     assert live.step(0) is False
 
 

@@ -6,6 +6,7 @@ raise the same error, and nothing it passed in may be written.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import pytest
@@ -101,6 +102,37 @@ def _overflow(rank: int, reduce: Any, nonfinite: str, bucket_bytes: Any) -> dict
     return result
 
 
+def _other_round(rank: int, reduce: Any, option: dict[str, Any]) -> dict[str, Any]:
+    # the same leaves and step, but rank 0 sends another wire: bytes that do not match
+    params = {"w": torch.full((6,), float(rank))}
+    rnd = avgfn.Round(**option) if rank == 0 else avgfn.Round()
+    return _outcome(lambda: avgfn.average(params, reduce, round=rnd), params)
+
+
+def _local_refusal(rank: int, reduce: Any) -> dict[str, Any]:
+    # rank 0 alone donates two leaves that share memory: it refuses, and its peer
+    # must learn it from the agreement instead of waiting out the timeout
+    base = torch.full((6,), float(rank))
+    params = {"a": base[:4], "b": base[2:]} if rank == 0 else {"a": base[:4], "b": base[2:].clone()}
+    started = time.monotonic()
+    result = _outcome(lambda: avgfn.average(params, reduce, round=avgfn.Round(donate=True)), params)
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def _diloco_refusal(rank: int, reduce: Any) -> dict[str, Any]:
+    # rank 0's global copy does not fit its params any more (a parameter left the
+    # selection, as one without a .grad does under ModuleAverager's torch filter)
+    params = {"a": torch.ones(3), "b": torch.ones(2)}
+    avg = avgfn.diloco(2, reduce=reduce, round=avgfn.Round(verify=None))
+    state = avg.init(params)
+    now = {"a": params["a"]} if rank == 0 else params
+    started = time.monotonic()
+    result = _outcome(lambda: avg.update(now, state, 1), now)
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
 def _world(rank: int, world_size: int) -> dict[str, Any]:
     reduce = avgfn.collectives.all_reduce_mean(timeout=30)
     results = {
@@ -110,6 +142,11 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
         "desync": _desync(rank, reduce),
         "diloco": _diloco_selection(rank, reduce),
         "opt_out": _opt_out(rank, reduce),
+        "round/comm_dtype": _other_round(rank, reduce, {"comm_dtype": torch.bfloat16}),
+        "round/buckets": _other_round(rank, reduce, {"bucket_bytes": 16}),
+        "round/exclude": _other_round(rank, reduce, {"nonfinite": "exclude"}),
+        "refusal": _local_refusal(rank, reduce),
+        "diloco_refusal": _diloco_refusal(rank, reduce),
     }
     for policy in ("raise", "exclude", "skip"):
         for bucket in (None, 32):
@@ -164,3 +201,27 @@ def test_a_wire_overflow_is_refused_and_never_written_into_donated_params(world,
 
 def test_the_group_still_works_after_every_refusal(world):
     assert world[0]["after"] == world[1]["after"] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("option", ["comm_dtype", "buckets", "exclude"])
+def test_replicas_built_with_other_round_options_all_raise(world, option):
+    for rank in (0, 1):
+        r = world[rank][f"round/{option}"]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)
+        assert "runs its rounds as" in r["message"] and "the same Round" in r["message"], r["message"]
+
+
+def test_a_replica_that_refuses_a_round_tells_its_peers(world):
+    mine, peer = world[0]["refusal"], world[1]["refusal"]
+    assert mine["error"] == "ValueError" and "share memory" in mine["message"], mine
+    assert peer["error"] == "ReplicaMismatchError", peer
+    assert "rank 0 refused the round (ValueError: donate=True: the leaves at" in peer["message"], peer
+    assert mine["unchanged"] and peer["unchanged"]
+    assert peer["seconds"] < 15, peer  # not the 30 s timeout: the agreement said it at once
+
+
+def test_a_diloco_replica_whose_state_does_not_fit_tells_its_peers(world):
+    mine, peer = world[0]["diloco_refusal"], world[1]["diloco_refusal"]
+    assert mine["error"] == "ValueError" and "global copy of 2 leaves" in mine["message"], mine
+    assert peer["error"] == "ReplicaMismatchError" and "rank 0 refused the round" in peer["message"], peer
+    assert mine["unchanged"] and peer["unchanged"] and peer["seconds"] < 15, peer

@@ -358,6 +358,73 @@ def test_compile_vmapped_training_step_fullgraph():
     assert comp_s.rounds.tolist() == [[1, 2]] * W  # pairs at 2; everyone at 0 and 4
 
 
+def _strides(tree):
+    return [(torch.utils._pytree.keystr(path), leaf.stride()) for path, leaf in torch.utils._pytree.tree_flatten_with_path(tree)[0]]
+
+
+def test_compiled_diloco_with_adamw_builds_no_graph_for_strides():
+    # vmap(init) used to make its int64 counters with torch.zeros: unbatched, so vmap
+    # returned them expanded (stride 0), while update returns counter + 1 (stride 1).
+    # torch.compile guards on strides: 5 graphs for 24 steps. Now the state of
+    # vmap(init) has update's strides, and the 3 graphs left are those the Python step
+    # asks for: step 0 (dynamo specializes an int it sees first), then, with step
+    # symbolic, the local steps and the outer steps (`(step + 1) % period`, a host branch).
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    replicas = 8
+    avg = avgfn.diloco(4, reduce=simulate.replica_mean())
+    train = avgfn.with_inner_state(avgfn.optim.adamw(0.01), avg, "keep")
+    torch.manual_seed(3)
+    stacked = {"w": torch.randn(replicas, 3, 2), "b": torch.randn(replicas, 2)}
+    data = torch.randn(replicas, 10, 3)
+
+    def step_fn(p, s, x, step):
+        g = grad(lambda q: ((x @ q["w"] + q["b"]) ** 2).mean())(p)
+        return train.update(g, s, p, step)
+
+    step_all = vmap(step_fn, in_dims=(0, 0, 0, None))
+    state = vmap(train.init)(stacked)
+    after_local = step_all(stacked, state, data, 0)[1]
+    after_outer = step_all(stacked, state, data, 3)[1]
+    assert _strides(state) == _strides(after_local) == _strides(after_outer)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step_all, fullgraph=True, backend=counter)
+    eager_p, comp_p, eager_s, comp_s = stacked, stacked, state, state
+    try:
+        for step in range(24):
+            eager_p, eager_s = step_all(eager_p, eager_s, data, step)
+            comp_p, comp_s = compiled(comp_p, comp_s, data, step)
+    finally:
+        torch._dynamo.reset()  # the other compiled tests of this file start from a clean cache
+    assert counter.frame_count == 3
+    for k in stacked:
+        torch.testing.assert_close(comp_p[k], eager_p[k], rtol=1e-6, atol=1e-7)
+    assert comp_s.averager.rounds.tolist() == [6] * replicas
+    assert comp_s.optimizer.step.tolist() == [24] * replicas
+
+
+def test_counters_of_vmapped_init_are_batched():
+    # Every averager's and optimizer's counter: vmap(init) stacks it (stride 1), it is
+    # not a stride-0 expansion of one unbatched zero.
+    stacked = {"w": torch.randn(4, 3)}
+    inits = {
+        "periodic": avgfn.periodic(2, reduce=simulate.replica_mean()).init,
+        "hierarchical": avgfn.hierarchical(simulate.hierarchy({2: 2, 4: 4}, 4)).init,
+        "diloco": avgfn.diloco(2, reduce=simulate.replica_mean()).init,
+        "sgd": avgfn.optim.sgd(0.1, momentum=0.9).init,
+        "adam": avgfn.optim.adam(0.1).init,
+        "adamw": avgfn.optim.adamw(0.1).init,
+    }
+    for name, init in inits.items():
+        for path, stride in _strides(vmap(init)(stacked)):
+            assert 0 not in stride, (name, path, stride)
+    # outside vmap nothing changes: plain zeros, periodic's counter on the CPU
+    assert avgfn.periodic(2, reduce=simulate.replica_mean()).init(stacked).rounds.device.type == "cpu"
+    assert avgfn.optim.adamw(0.1).init({"w": torch.ones(2)}).step.stride() == ()
+
+
 def test_compile_with_inductor():
     f = torch.compile(vmap(simulate.replica_mean(2)), fullgraph=True)
     stacked = _replicas(4, 3)

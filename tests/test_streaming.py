@@ -215,3 +215,78 @@ def test_bad_input():
         streaming_diloco(6, num_fragments=2, fragment_of={"a": 0, "b": 0}, **ok).init(
             {"a": torch.ones(1), "b": torch.ones(1)}
         )
+
+
+def _overlapped():
+    # h = 2: fragment k starts at step 2k (mod 6) and is applied one step later
+    return streaming_diloco(6, reduce=lambda t: t, num_fragments=3, delay=1, outer_optimizer=optim.sgd(1.0))
+
+
+def test_a_skipped_start_step_skips_its_fragment_instead_of_applying_a_stale_average():
+    avg = _overlapped()
+    params = start()
+    drifted = {k: v + 1 for k, v in params.items()}
+    state = avg.init(params)
+    _, state = avg.update(drifted, state, 0)  # fragment 0 (a) starts
+    assert state.in_flight.tolist() == [0, 0]
+    new, state = avg.update(drifted, state, 1)  # and is applied: consumed
+    assert torch.equal(new["a"], drifted["a"]) and state.in_flight.tolist() == [-1, -1]
+    # step 2 (fragment 1's start) is not run, as after a NonFiniteError there
+    globals_before = [g.clone() for g in state.global_params]
+    new, state = avg.update(drifted, state, 3)
+    assert state.rounds.tolist() == [1, 1, 0] and int(state.skipped) == 1  # a round, skipped
+    assert all(torch.equal(g, b) for g, b in zip(state.global_params, globals_before))
+    assert torch.equal(new["b"], params["b"])  # fragment 1 restarts from its global copy
+    assert torch.equal(new["c"], drifted["c"])  # the others are left alone
+
+
+def test_an_average_is_applied_once():
+    avg = _overlapped()
+    params = start()
+    drifted = {k: v + 1 for k, v in params.items()}
+    state = avg.init(params)
+    _, state = avg.update(drifted, state, 0)
+    once, state = avg.update(drifted, state, 1)
+    twice, again = avg.update(once, state, 1)  # the new state handed back at the same step
+    assert again.rounds.tolist() == [2, 0, 0] and int(again.skipped) == 1  # counted as skipped
+    assert all(torch.equal(a, b) for a, b in zip(again.global_params, state.global_params))
+    assert torch.equal(twice["a"], once["a"])
+
+
+def test_an_average_started_for_another_fragment_or_step_is_refused():
+    avg = _overlapped()
+    params = start()
+    state = avg.init(params)
+    _, state = avg.update(params, state, 0)  # fragment 0, started at step 0
+    with pytest.raises(ValueError, match=r"at step 3 fragment 1 is due.*holds fragment 0's, started at step 0"):
+        avg.update(params, state, 3)
+    assert state.in_flight.tolist() == [0, 0]  # the state handed in is unchanged
+    _, state = avg.update(params, state, 6)  # fragment 0 again, started at step 6
+    with pytest.raises(ValueError, match="started at step 6"):
+        avg.update(params, state, 1)  # fragment 0's apply step of the previous period
+
+
+def test_under_vmap_a_round_without_its_average_keeps_the_global_copy():
+    avg = _overlapped()
+    stacked = simulate.stack([start() for _ in range(W)])
+    state = vmap(avg.init)(stacked)
+    run = vmap(avg.update, in_dims=(0, 0, None))
+    drifted = {k: v + 1 for k, v in stacked.items()}
+    _, state = run(drifted, state, 0)
+    _, state = run(drifted, state, 1)
+    before = [g.clone() for g in state.global_params]
+    new, state = run(drifted, state, 3)  # step 2 was not run
+    assert state.skipped.tolist() == [1] * W and state.rounds[:, 1].tolist() == [1] * W
+    assert all(torch.equal(g, b) for g, b in zip(state.global_params, before))
+
+
+def test_the_tag_travels_in_checkpoints():
+    avg = _overlapped()
+    params = start()
+    state = avg.init(params)
+    _, state = avg.update(params, state, 0)
+    loaded = avgfn.load_state_dict(avg.init(params), avgfn.state_dict(state))
+    assert loaded.in_flight.tolist() == [0, 0]
+    a, _ = avg.update(params, state, 1)
+    b, _ = avg.update(params, loaded, 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)

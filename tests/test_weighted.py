@@ -198,3 +198,26 @@ def test_nonfinite_params_raise_naming_the_leaf():
     params = {"w": torch.tensor([1.0, math.nan]), "v": torch.ones(1)}
     with pytest.raises(NonFiniteError, match="at step 0: this replica holds non-finite values at \\['w'\\]"):
         avg.update(params, avg.init(params), 0)
+
+
+def test_a_round_skipped_for_its_weights_does_not_check_params_it_did_not_average():
+    # every replica skips for the peer's negative weight: the one holding a NaN
+    # must skip too, not raise alone while its peers go on
+    def peer(t):  # the peer hands in an invalid weight ([weight, invalid flag], float64)
+        return torch.tensor([-1.0, 1.0], dtype=t.dtype) if t.dtype == torch.float64 else t
+
+    avg = weighted(1, reduce=avgfn.testing.peers_mean(peer), weight=1.0, invalid_weights="skip")
+    params = {"w": torch.tensor([1.0, math.nan])}
+    new, state = avg.update(params, avg.init(params), 0)
+    assert new["w"] is params["w"] or torch.equal(new["w"].nan_to_num(), params["w"].nan_to_num())
+    assert int(state.skipped) == 1
+
+
+def test_a_round_skipped_for_nonfinite_params_is_counted():
+    avg = weighted(1, reduce=lambda t: t, weight=1.0, round=avgfn.Round(nonfinite="skip"))
+    params = {"w": torch.tensor([1.0, math.nan])}
+    new, state = avg.update(params, avg.init(params), 0)
+    assert int(state.skipped) == 1 and int(state.rounds) == 1
+    assert torch.equal(new["w"].nan_to_num(), params["w"].nan_to_num())
+    _, state = avg.update({"w": torch.ones(2)}, state, 1)
+    assert int(state.skipped) == 1 and int(state.rounds) == 2

@@ -15,7 +15,7 @@ import torch
 
 from avgfn._core.types import Averager
 from avgfn._core.checks import check_int
-from avgfn._adapters.module import LiveAverager
+from avgfn._adapters.module import LiveAverager, ParamPolicy, check_param_policy
 
 _KEY = "avgfn"
 
@@ -29,6 +29,22 @@ class AveragingOptimizer(torch.optim.Optimizer):
     `iteration` by one. With ``avgfn.periodic`` or ``avgfn.hierarchical``
     (or [`avgfn.post_local_sgd()`][avgfn.post_local_sgd]'s averager) it reproduces torch's
     ``PeriodicModelAverager`` / ``HierarchicalModelAverager`` bit for bit.
+
+    As torch's wrapper does, it averages only the parameters that have a
+    gradient (``p.grad is not None``): a [`avgfn.ModuleAverager`][avgfn.ModuleAverager] does so by
+    default (its own ``params=``), and so does a plain Averager here
+    (``params="with_grad"``); ``params="all"`` averages every parameter.
+
+    If the averaging raises (an [`avgfn.PeerError`][avgfn.PeerError], a
+    [`avgfn.NonFiniteError`][avgfn.NonFiniteError]...), the inner step stays applied, and the
+    averager's state and `iteration` are those from before the call: the
+    averaging of that iteration is owed. The next `step()` re-attempts only
+    it (it neither steps the inner optimizer, nor calls ``closure`` or
+    ``scaler``, nor reads the gradients), then advances `iteration`, so a
+    retry that succeeds ends where a run without the failure ends. While an
+    averaging is owed, `state_dict()` raises ``RuntimeError`` (a run resumed
+    from it would apply that inner step twice); a `load_state_dict()` of an
+    earlier checkpoint drops it.
 
     Differences from torch's wrapper:
 
@@ -51,6 +67,9 @@ class AveragingOptimizer(torch.optim.Optimizer):
         parameters, with a buffer policy), or a plain [`avgfn.Averager`][avgfn.Averager],
         which then averages the parameters of ``optimizer.param_groups`` in
         group order, as torch's wrapper does.
+      params: with a plain Averager, ``"with_grad"`` (the default: only the
+        parameters that have a gradient, torch's filter) or ``"all"``. With a
+        ModuleAverager, leave it out and pass it to the ModuleAverager.
 
     Attributes:
       optimizer: the wrapped optimizer.
@@ -70,7 +89,13 @@ class AveragingOptimizer(torch.optim.Optimizer):
       ['averager', 'iteration', 'optimizer']
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, averager: Union[LiveAverager, Averager]) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        averager: Union[LiveAverager, Averager],
+        *,
+        params: Optional[ParamPolicy] = None,
+    ) -> None:
         # Like torch's PostLocalSGDOptimizer, this does not call
         # Optimizer.__init__: it shares the inner optimizer's param_groups and state.
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -82,17 +107,25 @@ class AveragingOptimizer(torch.optim.Optimizer):
                 lambda: [list(group["params"]) for group in optimizer.param_groups],
                 averager,
                 name="param_groups",
+                params=check_param_policy("with_grad" if params is None else params),
             )
         elif not isinstance(averager, LiveAverager):
             raise TypeError(
                 "averager must be an avgfn.ModuleAverager or an avgfn.Averager, "
                 f"got {type(averager).__name__}"
             )
+        elif params is not None:
+            raise ValueError(
+                f"params={params!r} applies to a plain Averager; with a ModuleAverager, "
+                f"pass params= to the ModuleAverager (this one has params={averager.params!r})"
+            )
         self.optimizer = optimizer
         self.averager = averager
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.iteration = 0
+        # (what the inner step returned,) while the averaging of `iteration` is owed
+        self._owed: Optional[tuple[Any]] = None
 
     @property
     def state(self) -> Any:  # type: ignore[override]
@@ -107,6 +140,10 @@ class AveragingOptimizer(torch.optim.Optimizer):
     ) -> Optional[float]:
         """Run the inner step, then the averaging due at `iteration`; advance it.
 
+        After a call whose averaging raised, the next call only re-attempts
+        that averaging (see the class docstring): the inner step is applied
+        once.
+
         Args:
           closure: passed to the inner ``optimizer.step`` (not with ``scaler``).
           scaler: a ``torch.amp.GradScaler``: the inner step goes through
@@ -116,14 +153,22 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
         Returns:
           What the inner step returned.
+
+        Raises:
+          Exception: what the averaging raised (the averaging is then owed
+            and the next call retries it).
         """
-        if scaler is None:
+        if scaler is not None and closure is not None:
+            raise ValueError("step: a closure cannot be combined with scaler=")
+        if self._owed is not None:
+            loss = self._owed[0]  # the inner step of this iteration is already applied
+        elif scaler is None:
             loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         else:
-            if closure is not None:
-                raise ValueError("step: a closure cannot be combined with scaler=")
             loss = scaler.step(self.optimizer)
+        self._owed = (loss,)
         self.averager.step(self.iteration)
+        self._owed = None
         self.iteration += 1
         return loss
 
@@ -135,13 +180,24 @@ class AveragingOptimizer(torch.optim.Optimizer):
         """Add a param group to the inner optimizer."""
         self.optimizer.add_param_group(param_group)
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's ``state_dict`` plus an ``"avgfn"`` entry.
 
         The entry holds the step counter, the inner optimizer's class name and
         the averager's state; everything loads with
         ``torch.load(..., weights_only=True)``.
+
+        Raises:
+          RuntimeError: the averaging of `iteration` raised and is owed
+            (retry `step()` first, or load an earlier checkpoint).
         """
+        if self._owed is not None:
+            raise RuntimeError(
+                f"state_dict: the averaging of iteration {self.iteration} raised after its inner "
+                "step, and is owed; a run resumed from a checkpoint taken now would apply that "
+                "inner step twice. Call step() to retry the averaging (only it runs), or "
+                "load_state_dict() an earlier checkpoint"
+            )
         out = self.optimizer.state_dict()
         out[_KEY] = {
             "iteration": self.iteration,
@@ -150,7 +206,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
         }
         return out
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a [`state_dict()`][avgfn.state_dict]: strict, and all or nothing.
 
         Raises:
@@ -186,3 +242,4 @@ class AveragingOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(inner)
         self.averager.state = averager_state
         self.iteration = iteration
+        self._owed = None

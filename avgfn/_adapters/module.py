@@ -8,11 +8,13 @@ holder of a reference to those tensors sees them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ContextManager, Literal, Optional, cast
 
 import torch
 
+from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core.types import Averager
 from avgfn._core.checks import check_step
@@ -20,6 +22,18 @@ from avgfn._checkpoint import load_state_dict, state_dict
 
 BufferPolicy = Literal["local", "average", "ignore"]
 _POLICIES = ("local", "average", "ignore")
+ParamPolicy = Literal["with_grad", "all"]
+PARAM_POLICIES = ("with_grad", "all")
+
+
+def check_param_policy(params: Any) -> ParamPolicy:
+    """Validate a ``params=`` argument of the adapters."""
+    if not isinstance(params, str) or params not in PARAM_POLICIES:
+        raise ValueError(
+            f"params must be one of {list(PARAM_POLICIES)} (\"with_grad\": torch's filter, only "
+            f"the parameters that have a gradient; \"all\": every one), got {params!r}"
+        )
+    return cast(ParamPolicy, params)
 
 
 class LiveAverager:
@@ -33,19 +47,54 @@ class LiveAverager:
         average (the same structure every time).
       averager: the pure averager.
       name: what to call the target in error messages.
+      params: ``"with_grad"`` (default): at each step the averager's
+        selection leaves out the parameters whose ``.grad`` is ``None``, as
+        torch's averagers do (at ``init``, before any backward pass, those
+        with ``requires_grad=False``); ``"all"``: nothing is left out.
+      parameters: called at each step, returns the tensors that ``params``
+        applies to (default: every tensor of ``tensors()``).
 
     Attributes:
       averager: the pure averager.
+      params: the ``params`` policy.
       state: the averager's current state (replaced, never mutated, at each step).
     """
 
-    def __init__(self, tensors: Callable[[], Any], averager: Averager, *, name: str = "params") -> None:
+    def __init__(
+        self,
+        tensors: Callable[[], Any],
+        averager: Averager,
+        *,
+        name: str = "params",
+        params: ParamPolicy = "with_grad",
+        parameters: Optional[Callable[[], Iterable[torch.Tensor]]] = None,
+    ) -> None:
         if not isinstance(averager, Averager):
             raise TypeError(f"averager must be an avgfn.Averager, got {type(averager).__name__}")
+        self.params = check_param_policy(params)
         self._tensors = tensors
+        self._parameters = parameters or (
+            lambda: [t for t in _tree.tree_leaves(tensors()) if isinstance(t, torch.Tensor)]
+        )
         self._name = name
         self.averager = averager
-        self.state = averager.init(tensors())
+        with self._leaving_out(at_init=True):
+            self.state = averager.init(tensors())
+
+    def _leaving_out(self, at_init: bool) -> ContextManager[None]:
+        """The block in which the averager's selections honour ``params``.
+
+        ``"with_grad"`` leaves out, at a step, the parameters without a
+        gradient (torch's filter) and, at ``init``, those that require none
+        (before the first backward pass no parameter has one; an averager
+        that keeps a copy of what it averages, as DiLoCo does, copies the
+        trainable ones).
+        """
+        if self.params == "all":
+            return contextlib.nullcontext()
+        if at_init:
+            return _select.left_out([t for t in self._parameters() if not t.requires_grad])
+        return _select.left_out([t for t in self._parameters() if t.grad is None])
 
     def step(self, step: int) -> bool:
         """Average the live tensors if averaging is due at ``step``; write them in place.
@@ -55,6 +104,8 @@ class LiveAverager:
         ``torch.no_grad``, with ``Tensor.copy_``, so every reference to them,
         the optimizer's included, sees the new values and keeps its storage).
         If the Reduce raises, nothing is written and the state is unchanged.
+        With ``params="with_grad"``, the parameters whose ``.grad`` is
+        ``None`` are left out of the round, as torch's averagers leave them.
 
         Args:
           step: the 0-based training iteration.
@@ -66,7 +117,7 @@ class LiveAverager:
         """
         step = check_step(step)
         tree = self._tensors()
-        with torch.no_grad():
+        with torch.no_grad(), self._leaving_out(at_init=False):
             new_tree, new_state = self.averager.update(tree, self.state, step)
             changed = False
             if new_tree is not tree:
@@ -126,6 +177,23 @@ class ModuleAverager(LiveAverager):
     values are the same, and ``copy_`` keeps each parameter's storage (DDP's
     bucket views and tied weights stay intact).
 
+    Parameters follow ``params``:
+
+    * ``"with_grad"`` (default, torch's filter): at each step only the
+      parameters that have a gradient (``p.grad is not None``) are averaged,
+      as with torch's ``PostLocalSGDOptimizer`` and model averagers; a frozen
+      parameter, or one that no backward pass reached, keeps its own value.
+      Among those, the averager's ``where`` still decides. Replicas that
+      differ in which parameters have a gradient all raise
+      [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] before any value moves (the
+      per-round check of a group-backed Reduce). An averager that keeps a
+      copy of what it averages (the DiLoCo family) copies, at construction,
+      the parameters with ``requires_grad=True``, and each of them must have
+      a gradient at every synchronization.
+    * ``"all"``: every parameter the averager's ``where`` selects (by
+      default every floating-point one), gradient or not: the behaviour of
+      the averager called on ``dict(module.named_parameters())``.
+
     Buffers (BatchNorm running statistics and the like) follow ``buffers``:
 
     * ``"local"`` (default, what torch's averagers do): never averaged, each
@@ -144,10 +212,12 @@ class ModuleAverager(LiveAverager):
       averager: the pure averager, e.g. ``avgfn.periodic(...)`` or the
         ``.averager`` of [`avgfn.post_local_sgd()`][avgfn.post_local_sgd].
       buffers: ``"local"``, ``"average"`` or ``"ignore"``.
+      params: ``"with_grad"`` or ``"all"``.
 
     Examples:
       >>> import torch, avgfn
       >>> model = torch.nn.Linear(2, 1)
+      >>> model(torch.ones(1, 2)).sum().backward()          # params without a .grad are left out
       >>> peer = avgfn.testing.peers_mean(lambda t: t * 0)   # a peer whose params are all 0
       >>> avg = avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=peer))
       >>> before = model.weight.detach().clone()
@@ -157,7 +227,14 @@ class ModuleAverager(LiveAverager):
       True
     """
 
-    def __init__(self, module: torch.nn.Module, averager: Averager, *, buffers: BufferPolicy = "local") -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        averager: Averager,
+        *,
+        buffers: BufferPolicy = "local",
+        params: ParamPolicy = "with_grad",
+    ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if buffers not in _POLICIES:
@@ -174,7 +251,9 @@ class ModuleAverager(LiveAverager):
             )
         self.module = module
         self.buffers = buffers
-        super().__init__(self._live, averager, name=type(module).__name__)
+        super().__init__(
+            self._live, averager, name=type(module).__name__, params=params, parameters=module.parameters
+        )
 
     def _live(self) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = dict(self.module.named_parameters())
@@ -185,5 +264,5 @@ class ModuleAverager(LiveAverager):
     def __repr__(self) -> str:
         return (
             f"ModuleAverager({type(self.module).__name__}, buffers={self.buffers!r}, "
-            f"state={type(self.state).__name__})"
+            f"params={self.params!r}, state={type(self.state).__name__})"
         )

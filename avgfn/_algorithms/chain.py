@@ -6,20 +6,20 @@ from typing import Any
 
 from avgfn._core.types import Averager, Params
 from avgfn._core.checks import check_state, check_step
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 
 __all__ = ["ChainState", "chain"]
 
 
 @record
-class ChainState:
+class ChainState(Record):
     """State of [`chain()`][avgfn.chain].
 
     Attributes:
       states: a tuple with each averager's state, in order.
     """
 
-    states: tuple
+    states: tuple[Any, ...]
 
 
 def chain(*averagers: Averager) -> Averager:

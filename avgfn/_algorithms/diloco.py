@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from avgfn._algorithms.outer import outer_averager, outer_options, plain_mean
+from avgfn._algorithms.outer import check_global_device, outer_averager, outer_options, plain_mean
 from avgfn._core import select as _select
 from avgfn._core.checks import check_int, check_reduce
 from avgfn._core.types import Averager, Reduce
@@ -21,6 +21,7 @@ def diloco(
     outer_optimizer: Optional[Optimizer] = None,
     where: _select.Where = None,
     round: Optional[Round] = None,
+    global_device: Any = None,
     **deprecated: Any,
 ) -> Averager:
     """DiLoCo (Douillard et al., 2023): an outer optimizer over H local steps.
@@ -36,8 +37,12 @@ def diloco(
     (``avgfn.periodic(period, warmup_steps=period - 1)``) up to rounding.
 
     All replicas must start from the same params (broadcast them before
-    ``init``); ``init`` checks it through ``reduce`` when the Reduce can
-    compare replicas (``verify``).
+    ``init``). When the Reduce can compare replicas, ``init`` checks that
+    they hold params of one structure, and the first round (before anything
+    is mixed) that they hold the same global copy (``verify``). So a resume
+    rebuilds its state from mid-period params, which differ between replicas,
+    as for any averager: ``avgfn.load_state_dict(avg.init(params), checkpoint)``
+    (see ``docs/checkpoints.md``).
 
     Args:
       period: the number of local steps between two outer steps (``H``), ``>= 1``.
@@ -48,8 +53,10 @@ def diloco(
         others pass through untouched.
       round: the [`avgfn.Round`][avgfn.Round] options of the pseudo-gradient's round:
         ``comm_dtype``, ``bucket_bytes``, the per-round agreement, ``verify``
-        (default ``"values"``: the replicas must start from identical values
-        of the selected leaves) and ``nonfinite``, one of ``"raise"``
+        (default ``"values"``: at the first round, before anything is mixed,
+        the replicas must hold the same global copy, i.e. have started from
+        identical values of the selected leaves; ``init`` checks the
+        structure) and ``nonfinite``, one of ``"raise"``
         (default: every replica raises [`avgfn.NonFiniteError`][avgfn.NonFiniteError] and
         nothing changes; under ``vmap`` or ``torch.compile`` the round is
         skipped instead), ``"skip"`` (the global params and outer state are
@@ -57,6 +64,12 @@ def diloco(
         the round) or ``"exclude"`` (the healthy replicas' pseudo-gradients
         are averaged among themselves). The global params are never
         corrupted; the global copy is never donated.
+      global_device: where the global copy and the outer optimizer's state
+        live (``"cpu"``, ``torch.device("cuda:1")``...); ``None`` (default)
+        keeps them on the params' device. On the CPU next to accelerator
+        params they are pinned: the pseudo-gradient is formed and averaged
+        on the params' device, then the outer step runs where the copy is,
+        sparing accelerator memory (as torchft's ``backup_device``).
       **deprecated: the round options as keywords (``nonfinite="skip"``...),
         their spelling before [`avgfn.Round`][avgfn.Round]; they warn.
 
@@ -65,8 +78,9 @@ def diloco(
 
     Raises:
       ValueError: ``period < 1``, an unknown ``nonfinite`` or ``verify``.
-      TypeError: a non-int ``period``, a non-callable ``reduce``, an
-        ``outer_optimizer`` that is not an [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer].
+      TypeError: a non-integer ``period``, a non-callable ``reduce``, an
+        ``outer_optimizer`` that is not an [`avgfn.optim.Optimizer`][avgfn.optim.Optimizer], a
+        ``global_device`` that names no device.
       NonFiniteError: from ``update``, with ``nonfinite="raise"``.
 
     Examples:
@@ -84,9 +98,10 @@ def diloco(
     """
     period = check_int("period", period, minimum=1)
     check_reduce("reduce", reduce)
+    device = check_global_device(global_device)
     outer, rnd = outer_options("diloco", outer_optimizer, where, round, deprecated)
     return outer_averager(
         "diloco", period, reduce=reduce, outer=outer, mean=plain_mean(reduce, rnd),
-        where=where, nonfinite=rnd.nonfinite, verify=rnd.verify,
+        where=where, nonfinite=rnd.nonfinite, verify=rnd.verify, global_device=device, agree=rnd.agree,
     )  # fmt: skip
 

@@ -8,6 +8,7 @@ import torch
 
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
+from avgfn._core.traced import zeros_like_batch
 from avgfn._round.engine import Averaging
 from avgfn._core.types import Averager, Params
 from avgfn._core.checks import (
@@ -19,12 +20,12 @@ from avgfn._core.checks import (
     check_step,
 )
 from avgfn._core.levels import Levels, level_pairs
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 from avgfn._round.agree import verify as verify_replicas
 from avgfn._round.options import NONFINITE, Round, round_options
 
 @record
-class HierarchicalState:
+class HierarchicalState(Record):
     """State of [`hierarchical()`][avgfn.hierarchical].
 
     Attributes:
@@ -33,7 +34,7 @@ class HierarchicalState:
     """
 
     rounds: torch.Tensor
-    residual: Any = None
+    residual: Any
 
 
 def hierarchical(
@@ -102,7 +103,9 @@ def hierarchical(
         check_has_tensor(_tree.tree_leaves(params), "hierarchical(...).init")
         verify_replicas(params, top_reduce, rnd.verify)
         return HierarchicalState(
-            torch.zeros(num_levels, dtype=torch.int64), averaging.init_residual(params)
+            # batched under vmap, so vmap(init) gives the strides update returns
+            zeros_like_batch(_tree.tree_leaves(params), (num_levels,), device="cpu"),
+            averaging.init_residual(params),
         )
 
     def update(

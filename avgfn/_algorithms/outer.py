@@ -11,19 +11,21 @@ shares, so all replicas raise or skip together.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
-from avgfn._core.traced import traced
+from avgfn._core.traced import traced, zeros_like_batch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._round.engine import Names, reduce_round
+from avgfn._round import sharded as _sharded
 from avgfn._round.options import Round, round_options
 from avgfn._core.types import Averager, Params, Reduce
 from avgfn._core.checks import check_has_tensor, check_params, check_state, check_step
-from avgfn._core.errors import AveragingError, NonFiniteError
-from avgfn._core.records import record
+from avgfn._core import types as _types
+from avgfn._core.errors import AveragingError, NonFiniteError, ReplicaMismatchError
+from avgfn._core.records import Record, record
 from avgfn._round.agree import verify as verify_replicas
 from avgfn.optim._base import Optimizer
 from avgfn.optim._sgd import sgd
@@ -63,40 +65,144 @@ def selected(params: Params, where: _select.Where) -> tuple[list[Any], Any, list
 def verify_selected(
     params: Params, where: _select.Where, reduce: Reduce, mode: Optional[str], who: str = "outer step"
 ) -> None:
-    check_params(params, f"{who}(...).init")
-    check_has_tensor(_tree.tree_leaves(params), f"{who}(...).init")
-    """The ``verify`` check at ``init``, on the selected leaves only.
+    """The check at ``init`` of an outer-step averager: the structure of the selected leaves.
+
+    With ``mode`` ``"structure"`` or ``"values"`` the replicas compare the
+    paths, shapes and dtypes of the leaves ``where`` selects; with ``None``
+    nothing. The values are not compared here: ``init`` cannot tell a fresh
+    start (its params become the global copy, which must be equal everywhere)
+    from a resume (``avgfn.load_state_dict(avg.init(params), checkpoint)`` with
+    mid-period params, which differ between replicas, and a global copy that
+    the checkpoint replaces). `verify_first_round()` compares what must be
+    equal, the global copy, before the first round mixes anything.
 
     The unselected leaves (a replica's own sample count, local buffers) may
     differ between replicas: they are checked as ``None`` placeholders, which
-    keeps the paths of the params in the error messages. The global copy is
-    made of the selected leaves, which must agree.
+    keeps the paths of the params in the error messages.
     """
+    check_params(params, f"{who}(...).init")
+    check_has_tensor(_tree.tree_leaves(params), f"{who}(...).init")
     if mode is None:
         return
     leaves, spec, chosen = selected(params, where)
     keep = set(chosen)
     view = _tree.tree_unflatten([leaf if i in keep else None for i, leaf in enumerate(leaves)], spec)
-    verify_replicas(view, reduce, mode)
+    verify_replicas(view, reduce, "structure")
 
 
-def snapshot(leaves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Fresh copies of ``leaves`` in their `master_dtype()` (never aliases)."""
-    return tuple(leaf.detach().to(master_dtype(leaf.dtype), copy=True) for leaf in leaves)
+def verify_first_round(
+    rounds: torch.Tensor,
+    globals_: Sequence[torch.Tensor],
+    params: Params,
+    where: _select.Where,
+    reduce: Reduce,
+    mode: Optional[str],
+    who: str,
+) -> None:
+    """``verify="values"``: the replicas compare their global copies before the first round.
+
+    What every replica must hold alike is the global copy, not the local
+    params (they drift apart between rounds). At a fresh start it is the
+    params ``init`` copied; a run resumed before its first round loaded it
+    from the checkpoint. The check runs while every counter of ``rounds`` is
+    0, a test on the state that every replica answers alike, at the first
+    step that would communicate, before anything is mixed: a digest of the
+    global copy and one small collective (``init`` compared the structure).
+    Later rounds keep the copies equal, since every replica applies the same
+    averaged update. Without a Reduce that can compare replicas, or under a
+    transform, nothing is checked.
+
+    Raises:
+      ReplicaMismatchError: on every replica, when the global copies differ.
+    """
+    if mode != "values" or _types.group_of(reduce) is None:
+        return
+    if traced(rounds) or any(traced(g) for g in globals_[:1]):
+        return
+    if bool(torch.any(rounds != 0)):
+        return
+    leaves, spec, chosen = selected(params, where)
+    check_match(globals_, [leaves[i] for i in chosen], who)
+    by_leaf = dict(zip(chosen, globals_))
+    view = _tree.tree_unflatten([by_leaf.get(i) for i in range(len(leaves))], spec)
+    try:
+        verify_replicas(view, reduce, "values")
+    except ReplicaMismatchError as error:
+        raise ReplicaMismatchError(
+            f"{who}: the replicas hold different global params at the first round (init was "
+            "given params that differ between them: broadcast the params, or load them from one "
+            "checkpoint, before init); nothing was averaged. Round(verify='structure') checks "
+            "only the structure, at init"
+        ) from error
+
+
+def snapshot(leaves: Sequence[torch.Tensor], device: Optional[torch.device] = None) -> tuple[torch.Tensor, ...]:
+    """Fresh copies of ``leaves`` in their `master_dtype()` (never aliases), on ``device`` if given.
+
+    A copy kept on the CPU of an accelerator's leaf is pinned (page-locked),
+    so that the copies to and from the accelerator at each round are fast.
+    """
+    if device is None:
+        return tuple(leaf.detach().to(master_dtype(leaf.dtype), copy=True) for leaf in leaves)
+    out = []
+    for leaf in leaves:
+        copy = leaf.detach().to(device=device, dtype=master_dtype(leaf.dtype), copy=True)
+        if device.type == "cpu" and leaf.device.type != "cpu" and torch.cuda.is_available():
+            copy = copy.pin_memory()
+        out.append(copy)
+    return tuple(out)
+
+
+def check_global_device(value: Any) -> Optional[torch.device]:
+    """Validate a ``global_device`` argument (``None``: the params' own device)."""
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (TypeError, RuntimeError) as error:
+        raise TypeError(
+            "global_device must be None (keep the global copy on the params' device) or a device "
+            f'such as "cpu" or torch.device("cuda:0"), got {value!r}'
+        ) from error
 
 
 def counter(leaves: Sequence[torch.Tensor], shape: tuple[int, ...] = ()) -> torch.Tensor:
-    """An int64 zero counter on the device of the first leaf (CPU without leaves)."""
-    device = leaves[0].device if leaves else torch.device("cpu")
-    return torch.zeros(shape, dtype=torch.int64, device=device)
+    """An int64 zero counter on the device of the first leaf (CPU without leaves).
+
+    Batched like the leaves under vmap, so ``vmap(init)`` gives the strides ``update`` returns.
+    """
+    return zeros_like_batch(leaves, shape)
 
 
-def check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor], who: str) -> None:
-    """Raise ``ValueError`` when the state's global copy does not fit the params."""
+def check_match(
+    globals_: Sequence[torch.Tensor],
+    local: Sequence[torch.Tensor],
+    who: str,
+    peers: Optional[tuple[Reduce, bool, int]] = None,
+) -> None:
+    """Raise ``ValueError`` when the state's global copy does not fit the params.
+
+    ``peers`` is ``(reduce, agree, step)`` at a step that communicates: the
+    failure is then handed to the round's agreement first (when ``agree``),
+    so that the peers raise at once instead of waiting for this replica.
+    """
+    try:
+        _check_match(globals_, local, who)
+    except ValueError as error:
+        if peers is not None and peers[1]:
+            reduce, _, step = peers
+            with at_step(step):
+                reduce_round([], reduce, Round(), step=step, names=list, refusal=error)
+        raise
+
+
+def _check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor], who: str) -> None:
     if len(globals_) != len(local):
         raise ValueError(
             f"{who}: the state holds a global copy of {len(globals_)} leaves but `where` selects "
-            f"{len(local)} leaves of params (was the state made by init for these params?)"
+            f"{len(local)} leaves of params (was the state made by init for these params? With "
+            "ModuleAverager's torch filter, a trainable parameter without a .grad at this step "
+            "leaves the selection)"
         )
     for k, (g, x) in enumerate(zip(globals_, local)):
         if g.shape != x.shape:
@@ -107,9 +213,16 @@ def check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor],
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: every element of every tensor is finite."""
+    """A 0-d bool tensor: every element of every tensor is finite.
+
+    DTensors (sharded params) are judged on every shard: the answer is a
+    plain tensor, the same on every rank of their mesh.
+    """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
+    if _sharded.any_dtensor(list(tensors)):
+        local = torch.stack([torch.isfinite(_sharded.local(t)).all() for t in tensors]).all()
+        return _sharded.everywhere(local, list(tensors))
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
@@ -140,7 +253,7 @@ class _AtStep:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> Literal[False]:
         if isinstance(error, AveragingError) and error.step is None:
             raise error.at_step(self.step) from error
         return False
@@ -155,8 +268,8 @@ def where_tree(flag: torch.Tensor, if_true: Any, if_false: Any) -> Any:
 
 
 def to_local(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A fresh tensor with ``value``'s values and ``like``'s dtype (and grad flag)."""
-    out = value.to(like.dtype, copy=True)
+    """A fresh tensor with ``value``'s values and ``like``'s dtype and device (and grad flag)."""
+    out = value.to(device=like.device, dtype=like.dtype, copy=True)
     if like.requires_grad:
         out.requires_grad_(True)
     return out
@@ -189,8 +302,8 @@ def plain_mean(reduce: Reduce, rnd: Round) -> Mean:
 def pseudo_gradient(
     globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, ...]:
-    """``global - local`` for each leaf, in the global copy's dtype."""
-    return tuple(g - x.detach().to(g.dtype) for g, x in zip(globals_, local))
+    """``global - local`` for each leaf, in the global copy's dtype, on the local leaf's device."""
+    return tuple(g.to(x.device) - x.detach().to(g.dtype) for g, x in zip(globals_, local))
 
 
 def _bad(names: Optional[Names], tensors: Sequence[torch.Tensor]) -> list[str]:
@@ -237,7 +350,7 @@ def outer_apply(
     decision is taken on values every replica shares (the mean, and the outer
     step applied to it), so all replicas raise or skip together.
     """
-    averaged = tuple(a.to(g.dtype) for a, g in zip(averaged, globals_))
+    averaged = tuple(a.to(device=g.device, dtype=g.dtype) for a, g in zip(averaged, globals_))
     if nonfinite == "raise":
         eager_check(all_finite(averaged), lambda: _nonfinite_mean(who, step, names, local, averaged))
     stepped, new_state = outer.update(averaged, outer_state, globals_)
@@ -280,6 +393,36 @@ def outer_round(
     )  # fmt: skip
 
 
+NOTHING_IN_FLIGHT = -1
+"""The tag of an average in flight once it was applied (or before the first start)."""
+
+
+def held_for(
+    in_flight: torch.Tensor, expected: Sequence[int], refuse: Callable[[list[int]], str], older: int = -1
+) -> Optional[torch.Tensor]:
+    """Whether the tag ``in_flight`` (an int64 tensor) says ``expected``: the average is the one due.
+
+    Eagerly: ``None`` when it does; a False 0-d tensor when nothing is in
+    flight (the tag starts with `NOTHING_IN_FLIGHT`: its start step was not
+    run, or the average was applied already), so the caller skips what it
+    would have applied; and ``ValueError(refuse(tag))`` for any other tag (a
+    stale or foreign average is never applied). With ``older`` the index of
+    the tag's start step, a tag started before the expected one (its apply
+    step was skipped) is dropped like nothing in flight instead of refused.
+    Under a transform the answer is a tensor, and a tag that does not match
+    is a skipped round.
+    """
+    want = torch.tensor(list(expected), dtype=torch.int64, device=in_flight.device).reshape(in_flight.shape)
+    if traced(in_flight):
+        return (in_flight == want).all()
+    held = [int(v) for v in in_flight.reshape(-1).tolist()]
+    if held == list(expected):
+        return None
+    if held[0] == NOTHING_IN_FLIGHT or (older >= 0 and held[older] < expected[older]):
+        return torch.zeros((), dtype=torch.bool, device=in_flight.device)
+    raise ValueError(refuse(held))
+
+
 def write_back(
     leaves: list[Any], spec: Any, chosen: Sequence[int], values: Sequence[torch.Tensor]
 ) -> Params:
@@ -291,7 +434,7 @@ def write_back(
 
 
 @record
-class DiLoCoState:
+class DiLoCoState(Record):
     """State of [`diloco()`][avgfn.diloco] (and of [`avgfn.fedavgm()`][avgfn.fedavgm]).
 
     Attributes:
@@ -305,7 +448,7 @@ class DiLoCoState:
 
     rounds: torch.Tensor
     skipped: torch.Tensor
-    global_params: tuple
+    global_params: tuple[torch.Tensor, ...]
     outer: Any
 
 
@@ -347,14 +490,20 @@ def outer_averager(
     where: _select.Where,
     nonfinite: str,
     verify: Optional[str],
+    global_device: Optional[torch.device] = None,
+    agree: bool = True,
 ) -> Averager:
-    """The averager behind [`diloco()`][avgfn.diloco] and [`avgfn.fedavgm()`][avgfn.fedavgm]."""
+    """The averager behind [`diloco()`][avgfn.diloco] and [`avgfn.fedavgm()`][avgfn.fedavgm].
+
+    ``global_device``: where the global copy and the outer state live
+    (``None``: on the params' device); ``agree``: the round's agreement is on.
+    """
 
     def init(params: Params) -> DiLoCoState:
         verify_selected(params, where, reduce, verify, who)
         leaves, _, chosen = selected(params, where)
         local = [leaves[i] for i in chosen]
-        globals_ = snapshot(local)
+        globals_ = snapshot(local, global_device)
         zero = counter(local)
         return DiLoCoState(zero, zero.clone(), globals_, outer.init(globals_))
 
@@ -366,7 +515,9 @@ def outer_averager(
             return params, state
         leaves, spec, chosen = selected(params, where)
         local = [leaves[i] for i in chosen]
-        check_match(state.global_params, local, who)
+        check_match(state.global_params, local, who, (reduce, agree, step))
+        with at_step(step):
+            verify_first_round(state.rounds, state.global_params, params, where, reduce, verify, who)
         new_globals, new_outer, ok = outer_round(
             state.global_params, state.outer, local, mean=mean, outer=outer, nonfinite=nonfinite,
             who=who, params=params, step=step, names=_tree.lazy_paths(params, chosen),

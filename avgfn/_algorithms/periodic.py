@@ -9,6 +9,7 @@ import torch
 
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
+from avgfn._core.traced import zeros_like_batch
 from avgfn._round.engine import Averaging
 from avgfn._core.types import Averager, Params, Reduce
 from avgfn._core.checks import (
@@ -20,14 +21,14 @@ from avgfn._core.checks import (
     check_step,
 )
 from avgfn._core.levels import PERIOD_ONE
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 from avgfn._round.agree import verify as verify_replicas
 from avgfn._round.options import NONFINITE, Round, round_options
 
 
 
 @record
-class PeriodicState:
+class PeriodicState(Record):
     """State of [`periodic()`][avgfn.periodic].
 
     Attributes:
@@ -38,7 +39,7 @@ class PeriodicState:
     """
 
     rounds: torch.Tensor
-    residual: Any = None
+    residual: Any
 
 
 def periodic(
@@ -75,7 +76,8 @@ def periodic(
 
     Raises:
       ValueError: ``period < 1`` or ``warmup_steps < 0``.
-      TypeError: a non-int ``period``/``warmup_steps``, or a non-callable ``reduce``.
+      TypeError: a non-integer ``period``/``warmup_steps`` (a float, a bool...),
+        or a non-callable ``reduce``.
 
     Examples:
       >>> import torch, avgfn
@@ -103,7 +105,8 @@ def periodic(
         check_params(params, "periodic(...).init")
         check_has_tensor(_tree.tree_leaves(params), "periodic(...).init")
         verify_replicas(params, reduce, rnd.verify)
-        return PeriodicState(torch.zeros((), dtype=torch.int64), averaging.init_residual(params))
+        rounds = zeros_like_batch(_tree.tree_leaves(params), device="cpu")  # vmap: update's strides
+        return PeriodicState(rounds, averaging.init_residual(params))
 
     def update(params: Params, state: PeriodicState, step: int) -> tuple[Params, PeriodicState]:
         check_state(state, PeriodicState, "periodic")

@@ -23,7 +23,7 @@ from avgfn._core.checks import check_int, check_reduce, check_state, check_step
 from avgfn._core.levels import Levels
 from avgfn._algorithms.hierarchical import hierarchical
 from avgfn._algorithms.periodic import periodic
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 
 
 _GRADIENT_ROUND = Round(nonfinite="ignore")
@@ -31,7 +31,7 @@ _GRADIENT_ROUND = Round(nonfinite="ignore")
 
 
 @record
-class GradientScheduleState:
+class GradientScheduleState(Record):
     """State of a [`GradientSchedule`][avgfn.GradientSchedule].
 
     Attributes:
@@ -71,7 +71,7 @@ class GradientSchedule:
     update: GradUpdateFn
     reduce_at: Callable[[int], Optional[Reduce]]
     start_step: int
-    where: Any = None
+    where: Any
 
 
 def post_local_gradients(
@@ -109,7 +109,7 @@ def post_local_gradients(
 
     Raises:
       ValueError: ``start_step < 0``.
-      TypeError: a non-int ``start_step``, a non-callable Reduce.
+      TypeError: a non-integer ``start_step``, a non-callable Reduce.
 
     Examples:
       >>> import torch, avgfn
@@ -224,7 +224,7 @@ def post_local_sgd(
       ValueError: ``start_step < 0``, both or neither of ``period`` and
         ``levels``, or what [`avgfn.periodic()`][avgfn.periodic] / [`avgfn.hierarchical()`][avgfn.hierarchical]
         refuse.
-      TypeError: a non-callable Reduce or a non-int step or period.
+      TypeError: a non-callable Reduce, or a non-integer ``start_step`` or ``period``.
 
     Examples:
       >>> import torch, avgfn

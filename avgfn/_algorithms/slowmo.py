@@ -17,6 +17,7 @@ from avgfn._core.checks import check_int, check_params, check_reduce, check_stat
 from avgfn._algorithms.outer import (
     all_finite,
     at_step,
+    verify_first_round,
     verify_selected,
     check_match,
     OUTER_NONFINITE,
@@ -29,7 +30,7 @@ from avgfn._algorithms.outer import (
     write_back,
 )
 from avgfn._core.errors import NonFiniteError
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 from avgfn._round.options import Round, round_options
 from avgfn.optim._base import check_float
 
@@ -39,7 +40,7 @@ LearningRate = Union[float, Callable[[int], float]]
 
 
 @record
-class SlowMoState:
+class SlowMoState(Record):
     """State of [`slowmo()`][avgfn.slowmo].
 
     Attributes:
@@ -54,8 +55,8 @@ class SlowMoState:
 
     rounds: torch.Tensor
     skipped: torch.Tensor
-    global_params: tuple
-    momentum: tuple
+    global_params: tuple[torch.Tensor, ...]
+    momentum: tuple[torch.Tensor, ...]
 
 
 def _lr_value(lr: LearningRate, step: int) -> float:
@@ -145,7 +146,9 @@ def slowmo(
       where: which leaves are synchronized.
       round: the [`avgfn.Round`][avgfn.Round] options, as in [`avgfn.diloco()`][avgfn.diloco]
         (``nonfinite`` is ``"raise"``, ``"skip"`` or ``"exclude"``, for the
-        base rounds and the slow step; ``verify`` defaults to ``"values"``).
+        base rounds and the slow step; ``verify`` defaults to ``"values"``:
+        the global copies, the slow params ``x0``, are compared before the
+        first round of either kind, the structure at ``init``).
       **deprecated: the round options as keywords, their spelling before
         [`avgfn.Round`][avgfn.Round]; they warn.
 
@@ -203,6 +206,8 @@ def slowmo(
         base = base_period is not None and (step + 1) % base_period == 0
         if not (slow or base):
             return params, state
+        with at_step(step):  # before the first round of either kind mixes anything
+            verify_first_round(state.rounds, state.global_params, params, where, reduce, verify, "slowmo")
         rounds = state.rounds
         if not slow:
             with at_step(step):
@@ -211,7 +216,7 @@ def slowmo(
         lr_t = _lr_value(lr_spec, step)
         leaves, spec, chosen = selected(params, where)
         local = [leaves[i] for i in chosen]
-        check_match(state.global_params, local, "slowmo")
+        check_match(state.global_params, local, "slowmo", (reduce, rnd.agree, step))
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):
             averaged, _ = reduce_round(local, reduce, rnd, step=step, names=names, policy=slow_policy)

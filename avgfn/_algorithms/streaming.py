@@ -9,14 +9,17 @@ import torch
 
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
+from avgfn._round import sharded as _sharded
 from avgfn._round.options import Round
 from avgfn._core.types import Averager, Params, Reduce
 from avgfn._core.checks import check_int, check_params, check_reduce, check_state, check_step
 from avgfn._algorithms.outer import (
     at_step,
+    verify_first_round,
     verify_selected,
     check_match,
     counter,
+    held_for,
     outer_apply,
     outer_options,
     plain_mean,
@@ -25,14 +28,16 @@ from avgfn._algorithms.outer import (
     snapshot,
     to_local,
 )
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 from avgfn.optim._base import Optimizer
 
 __all__ = ["StreamingDiLoCoState", "streaming_diloco"]
 
+_NOTHING_IN_FLIGHT = torch.tensor([-1, -1], dtype=torch.int64)
+
 
 @record
-class StreamingDiLoCoState:
+class StreamingDiLoCoState(Record):
     """State of [`streaming_diloco()`][avgfn.streaming_diloco].
 
     Attributes:
@@ -46,13 +51,17 @@ class StreamingDiLoCoState:
       pending: with ``delay > 0``, the averaged pseudo-gradient of the
         fragment in flight, flat, in the global copy's dtype, padded to the
         size of the largest fragment; ``None`` with ``delay == 0``.
+      in_flight: with ``delay > 0``, an int64 pair ``[fragment, start step]``
+        saying whose average ``pending`` holds, ``[-1, -1]`` once it was
+        applied (or before the first start); ``None`` with ``delay == 0``.
     """
 
     rounds: torch.Tensor
     skipped: torch.Tensor
-    global_params: tuple
-    outer: tuple
-    pending: Any = None
+    global_params: tuple[torch.Tensor, ...]
+    outer: tuple[Any, ...]
+    pending: Any
+    in_flight: Any
 
 
 def split_fragments(numels: list[int], num_fragments: int) -> list[int]:
@@ -116,10 +125,12 @@ def streaming_diloco(
     **Overlap** (``delay = tau``): the pseudo-gradient of a fragment is taken
     and averaged ``tau`` steps *before* it is applied, at the steps with
     ``(step + 1 + tau) % h == 0``; the averaged value waits in
-    ``state.pending`` while the replicas take ``tau`` more local steps. (The
-    Reduce call itself is made at the start step: this pure function cannot
-    hold a collective open across calls; run the Reduce asynchronously inside
-    it, or overlap by other means, if the wire time matters.)
+    ``state.pending`` while the replicas take ``tau`` more local steps. The
+    Reduce is called at the start step and its result is kept as it is: a
+    Reduce whose result is a tensor that waits when first read (torch's
+    functional collectives) stays in flight in the state until the apply
+    step reads it, so the all-reduce runs while the replicas compute (a
+    fragment smaller than the largest is padded, which reads it at once).
 
     **Mixing** (``alpha``): when a fragment is applied its local params become
     ``(1 - alpha) * new_global + alpha * local``, the local values being those
@@ -149,7 +160,9 @@ def streaming_diloco(
       where: which leaves are synchronized (see [`avgfn.average()`][avgfn.average]).
       round: the [`avgfn.Round`][avgfn.Round] options of each fragment's round, as
         in [`avgfn.diloco()`][avgfn.diloco] (``nonfinite`` ``"raise"``, ``"skip"`` or
-        ``"exclude"``, per fragment round; ``verify`` defaults to ``"values"``).
+        ``"exclude"``, per fragment round; ``verify`` defaults to ``"values"``:
+        the global copies are compared before the first fragment's
+        pseudo-gradient is averaged, the structure at ``init``).
       **deprecated: the round options as keywords, their spelling before
         [`avgfn.Round`][avgfn.Round]; they warn.
 
@@ -264,15 +277,16 @@ class _Streaming:
         local = [leaves[i] for i in chosen]
         globals_ = snapshot(local)
         outers = tuple(self.outer.init(tuple(globals_[j] for j in g)) for g in groups)
-        pending = None
+        pending = in_flight = None
         if self.delay > 0:
             dtype = globals_[0].dtype
             for g in globals_[1:]:
                 dtype = torch.promote_types(dtype, g.dtype)
             size = max(sum(globals_[j].numel() for j in g) for g in groups)
             pending = torch.zeros(size, dtype=dtype, device=globals_[0].device)
+            in_flight = _NOTHING_IN_FLIGHT.to(globals_[0].device)
         return StreamingDiLoCoState(
-            counter(local, (self.num_fragments,)), counter(local), globals_, outers, pending
+            counter(local, (self.num_fragments,)), counter(local), globals_, outers, pending, in_flight
         )
 
     def due(self, step: int) -> tuple[Optional[int], Optional[int]]:
@@ -293,7 +307,11 @@ class _Streaming:
         apply_k, start_k = self.due(step)
         if apply_k is None and start_k is None:
             return params, state
-        if (self.delay > 0) != (state.pending is not None) or len(state.outer) != self.num_fragments:
+        if (
+            (self.delay > 0) != (state.pending is not None)
+            or (self.delay > 0) != (state.in_flight is not None)
+            or len(state.outer) != self.num_fragments
+        ):
             raise ValueError(
                 "streaming_diloco: the state was made by a streaming_diloco with other "
                 "num_fragments or delay"
@@ -301,20 +319,51 @@ class _Streaming:
         leaves, spec, chosen = selected(params, self.where)
         groups = self.fragments(params, leaves, spec, chosen)
         local = [leaves[i] for i in chosen]
-        check_match(state.global_params, local, "streaming_diloco")
+        talks = start_k is not None or self.delay == 0  # this step averages a pseudo-gradient
+        check_match(
+            state.global_params, local, "streaming_diloco", (self.reduce, self.rnd.agree and talks, step)
+        )
+        if talks:
+            with at_step(step):
+                verify_first_round(
+                    state.rounds, state.global_params, params, self.where, self.reduce, self.rnd.verify,
+                    "streaming_diloco",
+                )  # fmt: skip
         all_names = _tree.lazy_paths(params, chosen)
         if start_k is not None:
             g = groups[start_k]
-            averaged = self.average(state, local, g, params, step, lambda: [all_names()[j] for j in g])
-            return params, state.replace(pending=self.pad(averaged, state.pending))
+            pending = self.start(state, local, g, params, step, lambda: [all_names()[j] for j in g])
+            tag = torch.tensor([start_k, step], dtype=torch.int64, device=state.in_flight.device)
+            return params, state.replace(pending=pending, in_flight=tag)
         assert apply_k is not None
         g = groups[apply_k]
         names = lambda: [all_names()[j] for j in g]  # noqa: E731
+        valid = None
         if self.delay == 0:
             averaged = self.average(state, local, g, params, step, names)
         else:
             averaged = self.unpad(state.pending, [state.global_params[j] for j in g])
-        return self.apply(params, state, leaves, spec, chosen, apply_k, g, averaged, step, names)
+            valid = self.in_flight_for(state.in_flight, apply_k, step)
+        return self.apply(params, state, leaves, spec, chosen, apply_k, g, averaged, step, names, valid)
+
+    def in_flight_for(self, in_flight: torch.Tensor, k: int, step: int) -> Optional[torch.Tensor]:
+        """Whether ``state.pending`` holds fragment ``k``'s average started ``delay`` steps ago.
+
+        Eagerly: ``None`` when it does; a False tensor when nothing is in
+        flight (its start step was not run, or its average was applied
+        already): the round is then skipped; and another fragment's average
+        or one started at another step is refused. Under a transform the
+        answer is a tensor, and a round whose tag does not match is skipped.
+        """
+        started = step - self.delay
+        return held_for(
+            in_flight, (k, started),
+            lambda held: (
+                f"streaming_diloco: at step {step} fragment {k} is due, with its average started at "
+                f"step {started} (delay={self.delay}); the state holds fragment {held[0]}'s, started "
+                f"at step {held[1]}. Pass the state of the previous step: nothing was applied"
+            ),
+        )  # fmt: skip
 
     def average(
         self, state: StreamingDiLoCoState, local: list[Any], g: list[int], params: Params, step: int, names: Any
@@ -326,30 +375,51 @@ class _Streaming:
             )
         return averaged
 
-    @staticmethod
-    def pad(averaged: Any, pending: torch.Tensor) -> torch.Tensor:
-        """The averaged fragment, flat in ``pending``'s dtype and padded to its size."""
-        flat = torch.cat([a.reshape(-1).to(pending.dtype) for a in averaged])
+    def start(
+        self, state: StreamingDiLoCoState, local: list[Any], g: list[int], params: Params, step: int, names: Any
+    ) -> torch.Tensor:
+        """Start the mean of fragment ``g``'s pseudo-gradient; return the new ``pending``.
+
+        The fragment goes to the round as one flat tensor in ``pending``'s
+        dtype (a DTensor leaf as its local shard), so the Reduce's result is
+        ``pending`` itself when the fragment is the largest: a result still in
+        flight (a tensor that waits when first read, as torch's functional
+        collectives return) stays in flight in the state until the apply step
+        reads it. A smaller fragment is padded, which reads it at once.
+        """
+        pending = state.pending
+        pseudo = pseudo_gradient([state.global_params[j] for j in g], [local[j] for j in g])
+        flat = torch.cat([_sharded.local(p).reshape(-1).to(pending.dtype) for p in pseudo])
+        label = lambda: ["fragment of " + ", ".join(names())]  # noqa: E731
+        with at_step(step):
+            (averaged,), _ = self.mean((flat,), params, step, label)
         extra = pending.numel() - flat.numel()
-        return torch.cat([flat, flat.new_zeros(extra)]) if extra else flat
+        if not extra:
+            return averaged
+        return torch.cat([averaged, torch.zeros(extra, dtype=pending.dtype, device=pending.device)])
 
     @staticmethod
     def unpad(pending: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """The leaves of a fragment, read back from ``pending``."""
         out, offset = [], 0
         for x in like:
-            out.append(pending[offset : offset + x.numel()].view(x.shape))
-            offset += x.numel()
+            shard = _sharded.local(x)  # a DTensor's shard is what pad() kept
+            piece = pending[offset : offset + shard.numel()].view(shard.shape)
+            out.append(_sharded.wrap(piece, x) if _sharded.is_dtensor(x) else piece)
+            offset += shard.numel()
         return out
 
     def apply(
         self, params: Params, state: StreamingDiLoCoState, leaves: list[Any], spec: Any, chosen: list[int],
-        k: int, g: list[int], averaged: Any, step: int, names: Any,
+        k: int, g: list[int], averaged: Any, step: int, names: Any, valid: Optional[torch.Tensor] = None,
     ) -> tuple[Params, StreamingDiLoCoState]:  # fmt: skip
-        """Apply fragment ``k``'s outer step and hand its new (mixed) local params back."""
+        """Apply fragment ``k``'s outer step and hand its new (mixed) local params back.
+
+        ``valid`` False skips the round (no average of this fragment in flight).
+        """
         frag_globals = tuple(state.global_params[j] for j in g)
         new_frag, new_outer, ok = outer_apply(
-            frag_globals, state.outer[k], averaged, None, outer=self.outer, nonfinite=self.rnd.nonfinite,
+            frag_globals, state.outer[k], averaged, valid, outer=self.outer, nonfinite=self.rnd.nonfinite,
             who="streaming_diloco", step=step, names=names, local=[leaves[chosen[j]] for j in g],
         )  # fmt: skip
         new_globals = list(state.global_params)
@@ -367,5 +437,6 @@ class _Streaming:
         new_state = StreamingDiLoCoState(
             state.rounds + bump, state.skipped + (~ok).to(state.skipped.dtype),
             tuple(new_globals), tuple(outers), state.pending,
+            None if state.in_flight is None else torch.full_like(state.in_flight, -1),  # consumed
         )  # fmt: skip
         return _tree.tree_unflatten(new_leaves, spec), new_state

@@ -14,20 +14,20 @@ from typing import Any
 
 import torch
 
-from avgfn._core.traced import traced
+from avgfn._core.traced import traced, zeros_like_batch
 from avgfn._round.health import finite
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core.types import Averager, Params
 from avgfn._core.checks import check_has_tensor, check_int, check_params, check_state, check_step
 from avgfn._core.errors import NonFiniteError
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 
 __all__ = ["EMAState", "SWAState", "ema", "swa"]
 
 
 @record
-class EMAState:
+class EMAState(Record):
     """State of [`ema()`][avgfn.ema].
 
     Attributes:
@@ -44,7 +44,7 @@ class EMAState:
 
 
 @record
-class SWAState:
+class SWAState(Record):
     """State of [`swa()`][avgfn.swa]: the same fields as [`EMAState`][avgfn.EMAState].
 
     Attributes:
@@ -104,8 +104,8 @@ def _temporal(
         check_params(params, f"{name}(...).init")
         leaves = _tree.tree_leaves(params)
         check_has_tensor(leaves, f"{name}(...).init")
-        device = next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor)), torch.device("cpu"))
-        return state_cls(torch.zeros((), dtype=torch.int64, device=device), _copy_tree(params))
+        # batched under vmap, so vmap(init) gives the strides update returns
+        return state_cls(zeros_like_batch(leaves), _copy_tree(params))
 
     def update(params: Params, state: Any, step: int) -> tuple[Params, Any]:
         check_state(state, state_cls, name)

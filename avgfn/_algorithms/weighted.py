@@ -36,7 +36,7 @@ from avgfn._algorithms.outer import (
     selected,
 )
 from avgfn._core.errors import NonFiniteError
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 from avgfn._round.agree import agree_round
 from avgfn._round.agree import verify as verify_replicas
 from avgfn.optim._base import check_float
@@ -44,7 +44,10 @@ from avgfn.optim._sgd import sgd
 
 __all__ = ["WeightedState", "fedavg", "fedavgm", "weighted"]
 
-Weight = Union[float, int, torch.Tensor, Callable[[Params, int], Union[float, int, torch.Tensor]]]
+# numbers.Real: any real number is accepted (a Fraction, a NumPy scalar), not only float and int.
+Weight = Union[
+    float, int, numbers.Real, torch.Tensor, Callable[[Params, int], Union[float, int, torch.Tensor]]
+]
 """This replica's weight: a number, a one-element tensor, or ``(params, step) -> weight``."""
 
 
@@ -112,7 +115,9 @@ def weighted_mean(
     under a transform the round is skipped). The second call is made in every
     case, so that all replicas make the same calls.
     """
-    if rnd.agree:  # before the weights move: the replicas agree on the leaves and the step
+    # Before the weights move the replicas agree on the leaves and the step (not while
+    # torch.compile traces: the check is host-side, and skipped there, see docs/round.md).
+    if rnd.agree and not torch.compiler.is_compiling():
         agree_round(list(tensors), reduce, step, names, None)
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
@@ -142,8 +147,13 @@ def weighted_mean(
 
 
 def _check_params_health(
-    nonfinite: str, params: Params, chosen: list[int], local: tuple, means: tuple, step: int
-) -> tuple:
+    nonfinite: str,
+    params: Params,
+    chosen: list[int],
+    local: tuple[torch.Tensor, ...],
+    means: tuple[torch.Tensor, ...],
+    step: int,
+) -> tuple[torch.Tensor, ...]:
     """``nonfinite="raise"`` for a weighted round: the core's semantics.
 
     Eagerly, a non-finite mean raises [`avgfn.NonFiniteError`][avgfn.NonFiniteError] naming this
@@ -189,12 +199,13 @@ WEIGHTED_ROUND = ("bucket_bytes", "comm_dtype", "nonfinite", "verify", "agree")
 
 
 @record
-class WeightedState:
+class WeightedState(Record):
     """State of [`weighted()`][avgfn.weighted] and [`fedavg()`][avgfn.fedavg].
 
     Attributes:
       rounds: int64 count of the averaging rounds (skipped ones included).
-      skipped: int64 count of the rounds skipped for invalid weights.
+      skipped: int64 count of the rounds skipped: for invalid weights, or,
+        with ``nonfinite="skip"``, for non-finite params on some replica.
     """
 
     rounds: torch.Tensor
@@ -241,8 +252,10 @@ def weighted(
         program, the round is skipped instead); ``"skip"`` leaves the params
         as they are. Skipped rounds are counted in ``state.skipped``.
       round: the [`avgfn.Round`][avgfn.Round] options: ``comm_dtype``,
-        ``bucket_bytes``, ``verify`` (default ``"structure"``), the per-round
-        agreement, and ``nonfinite`` for non-finite params: ``"raise"``
+        ``bucket_bytes``, ``verify`` (default ``"structure"``; ``"values"``
+        compares the params given to ``init``, so a mid-period resume builds
+        its template with ``"structure"``: see ``docs/checkpoints.md``), the
+        per-round agreement, and ``nonfinite`` for non-finite params: ``"raise"``
         (default), ``"skip"`` or ``"ignore"`` (``"exclude"`` is not offered:
         it would need the unhealthy replicas' weights removed too).
       **deprecated: the round options as keywords, and ``invalid`` (now
@@ -305,13 +318,18 @@ def weighted(
             means, ok = weighted_mean(
                 local, reduce, w, rnd, invalid, "weighted", step, _tree.lazy_paths(params, chosen)
             )
-        means = _check_params_health(nonfinite, params, chosen, local, means, step)
+        kept = False
+        if traced(local[0]) or bool(ok):  # a round skipped for its weights averaged nothing to check
+            checked = _check_params_health(nonfinite, params, chosen, local, means, step)
+            # "skip": non-finite params on some replica (traced, the check never skips a round)
+            kept = False if traced(local[0]) else checked is local
+            means = checked
         new_leaves = list(leaves)
         for i, value in zip(chosen, means):
             if leaves[i].requires_grad:
                 value = value.detach().requires_grad_(True)
             new_leaves[i] = value
-        skipped = state.skipped + (~ok).to(state.skipped.dtype)
+        skipped = state.skipped + (~ok).to(state.skipped.dtype) + int(kept)
         return _tree.tree_unflatten(new_leaves, spec), WeightedState(state.rounds + 1, skipped)
 
     return Averager(init=init, update=update)
@@ -384,7 +402,8 @@ def fedavgm(
       round: the [`avgfn.Round`][avgfn.Round] options, as in [`avgfn.diloco()`][avgfn.diloco]
         (``nonfinite`` ``"raise"`` or ``"skip"``: excluding would need the
         weights removed too; ``verify`` defaults to ``"values"``: the clients
-        start from the server's params).
+        start from the server's params, whose copies are compared at the
+        first round, before anything is mixed).
       **deprecated: the round options as keywords, their spelling before
         [`avgfn.Round`][avgfn.Round]; they warn. ``nonfinite="skip"`` there also
         skips rounds with invalid weights, as it did.
@@ -423,5 +442,5 @@ def fedavgm(
 
     return outer_averager(
         "fedavgm", period, reduce=reduce, outer=outer, mean=mean, where=where,
-        nonfinite=rnd.nonfinite, verify=rnd.verify,
+        nonfinite=rnd.nonfinite, verify=rnd.verify, agree=rnd.agree,
     )  # fmt: skip

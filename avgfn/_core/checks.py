@@ -13,7 +13,13 @@ _S = TypeVar("_S")
 
 
 def check_step(step: Any) -> int:
-    """Validate the ``step`` argument of ``update`` and return it as an int."""
+    """Validate the ``step`` argument of ``update`` and return it as an int.
+
+    Accepts a Python int, or any integer ``operator.index`` converts (a NumPy
+    integer, an integer tensor of one element such as ``torch.tensor(3)``).
+    Refuses with ``TypeError`` a bool or a bool tensor (``True`` is not a step),
+    a float, a float tensor or a string; with ``ValueError`` a negative step.
+    """
     if type(step) is int:
         # The common case, first: torch.compile keeps a plain int step symbolic
         # here, where operator.index would bake each value into a new graph.
@@ -22,6 +28,8 @@ def check_step(step: Any) -> int:
         return step
     if isinstance(step, bool):
         raise TypeError(f"step must be an int, got bool {step!r}")
+    if isinstance(step, torch.Tensor) and step.dtype == torch.bool:
+        raise TypeError(f"step must be an int, got a bool tensor: {step!r}")
     try:
         value = operator.index(step)
     except TypeError:
@@ -42,10 +50,13 @@ def check_state(state: Any, cls: type[_S], averager: str) -> _S:
 
 
 def check_int(name: str, value: Any, *, minimum: int) -> int:
-    """Validate an integer hyperparameter: ``TypeError``/``ValueError`` naming it."""
+    """Validate an integer hyperparameter: ``TypeError``/``ValueError`` naming it.
+
+    Accepts the integers ``check_step`` accepts, and refuses what it refuses.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         try:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
                 raise TypeError
             value = operator.index(value)
         except TypeError:

@@ -7,7 +7,10 @@ checkpoint, rebuild its process group, and continue.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class AveragingError(RuntimeError):
@@ -19,7 +22,7 @@ class AveragingError(RuntimeError):
 
     step: Optional[int] = None
 
-    def at_step(self, step: int) -> "AveragingError":
+    def at_step(self, step: int) -> Self:
         """A copy of this error that names ``step`` (the averagers add it)."""
         if self.step is not None:
             return self

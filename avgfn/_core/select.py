@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Union
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Optional, Union
 
 import torch
 
@@ -19,6 +21,27 @@ def default_selected(leaf: Any) -> bool:
     return isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
 
 
+_LEFT_OUT: contextvars.ContextVar[Optional[frozenset[int]]] = contextvars.ContextVar(
+    "avgfn_left_out", default=None
+)
+
+
+@contextlib.contextmanager
+def left_out(tensors: Iterable[Any]) -> Iterator[None]:
+    """Within the block, no selection picks any of ``tensors`` (compared by identity).
+
+    The torch-shaped adapters apply torch's filter with it (only the
+    parameters that have a gradient are averaged) to an averager whose
+    ``where`` they cannot see: a leaf that is one of ``tensors`` is left out
+    as if ``where`` had not selected it.
+    """
+    token = _LEFT_OUT.set(frozenset(id(t) for t in tensors))
+    try:
+        yield
+    finally:
+        _LEFT_OUT.reset(token)
+
+
 def check_where(where: Any) -> None:
     """Early validation of ``where`` at factory time (its shape is checked later)."""
     if where is None or callable(where):
@@ -31,13 +54,21 @@ def check_where(where: Any) -> None:
             )
 
 
-def selection(where: Where, params: Any, leaves: list[Any], spec: _tree.TreeSpec) -> list[bool]:
-    """One bool per leaf of ``params`` (flattened to ``leaves``/``spec``).
+def selection(where: Where, params: Any, leaves: list[Any], flat: Any) -> list[bool]:
+    """One bool per leaf of ``params`` (flattened to ``leaves``; ``flat`` its spec or `Flat`).
 
     Raises ``ValueError`` when a ``where`` tree does not match ``params`` and
     ``TypeError`` when a selected leaf is not a tensor or ``where`` yields a
-    non-bool.
+    non-bool. Inside `left_out()`, its tensors are never selected.
     """
+    mask = _selection(where, params, leaves, flat)
+    excluded = None if torch.compiler.is_compiling() else _LEFT_OUT.get()  # the adapters run eagerly
+    if not excluded:
+        return mask
+    return [chosen and id(leaf) not in excluded for chosen, leaf in zip(mask, leaves)]
+
+
+def _selection(where: Where, params: Any, leaves: list[Any], flat: Any) -> list[bool]:
     if where is None:
         return [default_selected(leaf) for leaf in leaves]
     if callable(where):
@@ -52,6 +83,7 @@ def selection(where: Where, params: Any, leaves: list[Any], spec: _tree.TreeSpec
             mask.append(chosen)
     else:
         mask, where_spec = _tree.tree_flatten(where)
+        spec = flat.spec if isinstance(flat, _tree.Flat) else flat
         if where_spec != spec:
             raise ValueError(
                 "where must be a pytree of bools with the structure of params; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.utils._pytree as _pytree
 
 TreeSpec = _pytree.TreeSpec
@@ -21,6 +22,60 @@ tree_map = _pytree.tree_map
 tree_flatten_with_path = _pytree.tree_flatten_with_path
 keystr = _pytree.keystr
 GetAttrKey = _pytree.GetAttrKey
+
+
+class Flat:
+    """A tree flattened for one round: its leaves' structure, cheap to key and rebuild.
+
+    A plain ``dict``, ``list`` or ``tuple`` of tensors (``dict(model.named_parameters())``)
+    is flattened, keyed and rebuilt without walking torch's pytree, whose spec
+    costs a Python call per leaf to build, hash and unflatten; any other tree
+    goes through torch's pytree. Both give the same leaves in the same order.
+    """
+
+    __slots__ = ("kind", "keys", "_spec")
+
+    def __init__(self, kind: Any, keys: Any, spec: Any = None) -> None:
+        self.kind = kind
+        self.keys = keys
+        self._spec = spec
+
+    @property
+    def key(self) -> Any:
+        """A hashable value equal for trees of the same structure."""
+        return self._spec if self.kind is None else (self.kind, self.keys)
+
+    @property
+    def spec(self) -> TreeSpec:
+        """torch's spec of the tree (built on first use for the plain containers)."""
+        if self._spec is None:
+            placeholder = [0] * (len(self.keys) if self.kind is dict else self.keys)
+            self._spec = tree_flatten(self.unflatten(placeholder))[1]
+        return self._spec
+
+    def unflatten(self, leaves: list[Any]) -> Any:
+        """The tree with ``leaves`` in place of its leaves."""
+        if self.kind is dict:
+            return dict(zip(self.keys, leaves))
+        if self.kind is list:
+            return list(leaves)
+        if self.kind is tuple:
+            return tuple(leaves)
+        return tree_unflatten(leaves, self._spec)
+
+
+def flatten(tree: Any) -> tuple[list[Any], Flat]:
+    """The leaves of ``tree`` and its `Flat` structure (see there)."""
+    kind = type(tree)
+    if kind is dict:
+        values = list(tree.values())
+        if all(isinstance(v, torch.Tensor) for v in values):
+            return values, Flat(dict, tuple(tree))
+    elif kind is list or kind is tuple:
+        if all(isinstance(v, torch.Tensor) for v in tree):
+            return list(tree), Flat(kind, len(tree))
+    leaves, spec = tree_flatten(tree)
+    return leaves, Flat(None, None, spec)
 
 
 def is_leaf_spec(spec: TreeSpec) -> bool:

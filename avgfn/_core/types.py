@@ -110,6 +110,10 @@ class GroupReduce(Protocol):
       [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] on every replica unless all hand in
       the same ``digest``; ``entries()`` names what the digest was made of
       (``(name, description)`` pairs), for the message.
+    * optionally, ``start_agree(digest, entries)``: `agree()` begun without
+      waiting, returning an object whose ``wait()`` returns or raises as
+      `agree()` would; the engine then packs its buffer while the check is
+      on the wire. A group without it is checked with `agree()`.
     * ``commit()``: whether the group keeps the round that just completed;
       a group that votes on its rounds (a torchft quorum) may answer False,
       and the round is then refused with [`avgfn.RoundNotCommitted`][avgfn.RoundNotCommitted].
@@ -204,10 +208,56 @@ def agree(reduce: Reduce, digest: bytes, entries: Callable[[], list[tuple[str, s
         group.agree(digest, entries)
 
 
-def commit(reduce: Reduce) -> bool:
-    """Whether the group keeps the round that just completed (a plain Reduce: always)."""
+class Agreement(Protocol):
+    """An agreement check begun by ``start_agree``: ``wait()`` returns or raises."""
+
+    def wait(self) -> None:
+        """Return once the replicas agreed; raise as ``agree`` would otherwise."""
+        ...
+
+
+class _Agreed:
+    __slots__ = ()
+
+    def wait(self) -> None:
+        return None
+
+
+AGREED: "Agreement" = _Agreed()
+"""An agreement that has already passed (no peers to compare with)."""
+
+
+def start_agree(reduce: Reduce, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> Agreement:
+    """Begin the group's agreement check (at once when the group cannot start it)."""
     group = group_of(reduce)
-    return True if group is None else group.commit()
+    if group is None:
+        return AGREED
+    begin = getattr(group, "start_agree", None)
+    if begin is not None:
+        return begin(digest, entries)
+    group.agree(digest, entries)
+    return AGREED
+
+
+_KEPT = [0]
+
+
+def commit(reduce: Reduce) -> bool:
+    """Whether the group keeps the round that just completed (a plain Reduce: always).
+
+    Each round kept is counted (`rounds_kept()`), so that a wrapper can tell a
+    step that ran a round from one that only applied a round kept earlier.
+    """
+    group = group_of(reduce)
+    kept = True if group is None else group.commit()
+    if kept and not torch.compiler.is_compiling():  # a compiled graph must not guard on it
+        _KEPT[0] += 1
+    return kept
+
+
+def rounds_kept() -> int:
+    """How many rounds this process has kept so far (a counter that only grows)."""
+    return _KEPT[0]
 
 
 class ForwardingReduce:
@@ -262,6 +312,12 @@ class ForwardingReduce:
 
     def agree(self, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> None:
         agree(self.inner, digest, entries)
+
+    def start_agree(self, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> Agreement:
+        if type(self).agree is not ForwardingReduce.agree:  # a subclass that watches agree() sees each one
+            self.agree(digest, entries)
+            return AGREED
+        return start_agree(self.inner, digest, entries)
 
     def commit(self) -> bool:
         return commit(self.inner)

@@ -4,12 +4,16 @@ Two checks, both through the group-backed Reduce's ``agree`` (see
 [`avgfn.GroupReduce`][avgfn.GroupReduce]): fakes and simulated replicas have nothing to
 compare against, and skip them.
 
-* At ``init`` (`verify()`), the replicas compare a signature of their
-  params: ``"structure"`` (paths, shapes, dtypes), ``"values"`` (also a
+* At the start of training (`verify()`), the replicas compare a signature
+  of a tree: ``"structure"`` (paths, shapes, dtypes), ``"values"`` (also a
   digest of every tensor's bytes: the replicas start from identical values)
-  or ``None`` (no check).
+  or ``None`` (no check). Most averagers run it on the params at ``init``;
+  the outer-step averagers run the structure check there and the values
+  check on their global copy at their first round (a resume builds its
+  template from mid-period params, whose values differ between replicas).
 * At every round (`agree_round()`, on by default: ``Round(agree=False)``
-  turns it off), the replicas compare the paths, shapes and dtypes of the
+  turns it off; skipped under ``vmap`` and while ``torch.compile`` traces,
+  where a host-side digest cannot run), the replicas compare the paths, shapes and dtypes of the
   leaves they are about to average, and the step. A replica whose ``where``
   selects other leaves, or that is at another step of its schedule, makes
   every replica raise [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] before the data
@@ -30,6 +34,7 @@ from avgfn._core import tree as _tree
 from avgfn._core import types as _types
 from avgfn._core.traced import traced
 from avgfn._core.types import Reduce
+from avgfn._round import sharded as _sharded
 
 MODES = ("structure", "values", None)
 
@@ -45,7 +50,9 @@ def describe(params: Any) -> list[tuple[str, str]]:
     """One ``(path, what)`` entry per leaf: shape and dtype, or the leaf's type."""
     entries = []
     for path, leaf in _tree.tree_flatten_with_path(params)[0]:
-        if isinstance(leaf, torch.Tensor):
+        if _sharded.is_dtensor(leaf):  # what a replica of the group sees: its shard
+            what = f"{tuple(_sharded.local(leaf).shape)} {leaf.dtype}{_sharded.layout(leaf)}"
+        elif isinstance(leaf, torch.Tensor):
             what = f"{tuple(leaf.shape)} {leaf.dtype}"
         else:
             what = type(leaf).__name__
@@ -54,7 +61,7 @@ def describe(params: Any) -> list[tuple[str, str]]:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
+    t = _sharded.local(t).detach().to("cpu").contiguous()
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
 
 
@@ -89,13 +96,16 @@ _STRUCTURES: dict[Any, bytes] = {}
 _CACHE_SIZE = 64
 
 
-def _structure(leaves: list[torch.Tensor], names: Callable[[], list[str]], key: Any) -> bytes:
-    """The digest of the leaves' paths, shapes and dtypes, cached under ``key``."""
+def _structure(
+    leaves: list[torch.Tensor], names: Callable[[], list[str]], key: Any, sharding: Optional[tuple[str, ...]] = None
+) -> bytes:
+    """The digest of the leaves' paths, shapes and dtypes (and sharding), cached under ``key``."""
     layout = tuple((leaf.shape, leaf.dtype) for leaf in leaves)
-    full = None if key is None else (key, layout)
+    full = None if key is None else (key, layout, sharding)
     cached = None if full is None else _STRUCTURES.get(full)
     if cached is None:
-        entries = [(name, f"{tuple(s)} {d}") for name, (s, d) in zip(names(), layout)]
+        extra = sharding or ("",) * len(leaves)
+        entries = [(name, f"{tuple(s)} {d}{x}") for name, (s, d), x in zip(names(), layout, extra)]
         cached = hashlib.blake2b(repr(entries).encode(), digest_size=8).digest()
         if full is not None:
             if len(_STRUCTURES) >= _CACHE_SIZE:
@@ -104,18 +114,56 @@ def _structure(leaves: list[torch.Tensor], names: Callable[[], list[str]], key: 
     return cached
 
 
-def agree_round(
-    leaves: list[torch.Tensor], reduce: Reduce, step: Optional[int], names: Callable[[], list[str]], key: Any
-) -> None:
-    """Every replica raises unless all average the same leaves at the same ``step``."""
-    if _types.group_of(reduce) is None or (leaves and traced(leaves[0])):
-        return
-    structure = _structure(leaves, names, key)
+def start_round(
+    leaves: list[torch.Tensor],
+    reduce: Reduce,
+    step: Optional[int],
+    names: Callable[[], list[str]],
+    key: Any,
+    wire: str = "",
+    refused: str = "",
+    sharding: Optional[tuple[str, ...]] = None,
+) -> _types.Agreement:
+    """Begin the check that every replica averages the same leaves at the same ``step``.
+
+    ``wire`` describes what decides the round's collectives besides the
+    leaves (the round options: buckets, wire dtype, health exchange); it is
+    part of the digest, so replicas built with different options raise
+    instead of exchanging buffers that do not match. ``refused`` says why
+    this replica refuses the round (a local check failed): its peers then
+    raise at once instead of waiting for it. ``sharding`` (for DTensor
+    leaves, whose local shards ``leaves`` are) gives per leaf the global
+    shape, placements and shard offset (`avgfn._round.sharded.layout()`):
+    replicas holding other pieces of a tensor disagree. ``wait()`` on the
+    result raises on every replica unless all agree.
+    """
+    if _types.group_of(reduce) is None or torch.compiler.is_compiling() or (leaves and traced(leaves[0])):
+        return _types.AGREED  # no peers, or traced: a host-side digest cannot run in the graph
+    structure = _structure(leaves, names, key, sharding)
     at = -1 if step is None else step
-    digest = hashlib.blake2b(structure + at.to_bytes(8, "little", signed=True), digest_size=8).digest()
+    digest = hashlib.blake2b(
+        structure + at.to_bytes(8, "little", signed=True) + wire.encode() + refused.encode(), digest_size=8
+    ).digest()
 
     def entries() -> list[tuple[str, str]]:
-        described = [(name, f"{tuple(leaf.shape)} {leaf.dtype}") for name, leaf in zip(names(), leaves)]
-        return [("<step>", "none" if step is None else str(step))] + described
+        extra = sharding or ("",) * len(leaves)
+        described = [
+            (name, f"{tuple(leaf.shape)} {leaf.dtype}{x}") for name, leaf, x in zip(names(), leaves, extra)
+        ]
+        head = [("<step>", "none" if step is None else str(step))]
+        head += [("<round>", wire)] if wire else []
+        return head + ([("<refused>", refused)] if refused else []) + described
 
-    _types.agree(reduce, digest, entries)
+    return _types.start_agree(reduce, digest, entries)
+
+
+def agree_round(
+    leaves: list[torch.Tensor],
+    reduce: Reduce,
+    step: Optional[int],
+    names: Callable[[], list[str]],
+    key: Any,
+    wire: str = "",
+) -> None:
+    """Every replica raises unless all average the same leaves at the same ``step``."""
+    start_round(leaves, reduce, step, names, key, wire).wait()

@@ -31,11 +31,18 @@ from typing import Any, Optional
 import torch
 
 from avgfn._core import types as _types
+from avgfn._core.traced import traced
 from avgfn._core.types import Pending, Reduce
 from avgfn._round.options import Round
 
 _SMALL = 1 << 16
 """Below this many elements per leaf on average, a round packs with one cat."""
+
+_unflatten: Optional[Callable[[torch.Tensor, list[torch.Tensor]], Any]]
+try:  # one C++ call makes every leaf's view of a flat buffer (DDP uses it too)
+    from torch._utils import _unflatten_dense_tensors as _unflatten
+except ImportError:  # pragma: no cover - a torch without it takes the loop
+    _unflatten = None
 
 # A bucket is a list of pieces (leaf index, first element, end element).
 Piece = tuple[int, int, int]
@@ -76,8 +83,8 @@ def check_result(result: Any, buf: torch.Tensor) -> torch.Tensor:
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The byte range of ``t``'s storage that ``t`` can reach."""
     start = t.data_ptr()
-    if t.numel() == 0:
-        return start, start
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return start, start + (last + 1) * t.element_size()
 
@@ -94,7 +101,7 @@ def check_donatable(leaves: list[Any], selected: list[bool], path_of: Callable[[
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor) or leaf.numel() == 0:
             continue
-        if selected[i] and any(s == 0 and n > 1 for s, n in zip(leaf.stride(), leaf.shape)):
+        if selected[i] and not leaf.is_contiguous() and any(s == 0 and n > 1 for s, n in zip(leaf.stride(), leaf.shape)):
             raise ValueError(
                 f"donate=True: the leaf at {path_of(i)} overlaps itself (a stride-0 view); "
                 "writing the average into it is not possible"
@@ -137,14 +144,20 @@ def plan_buckets(numels: list[int], capacity: Optional[int]) -> list[list[Piece]
 
 
 def tiled(flats: list[torch.Tensor], bucket: list[Piece], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """A 1-D view over the bucket's elements when they lie in order in one storage."""
-    first = flats[bucket[0][0]]
+    """A 1-D view over the bucket's elements when they lie in order in one storage.
+
+    Empty pieces hold no element: where their tensors live does not matter.
+    """
+    pieces = [(i, lo, hi) for i, lo, hi in bucket if hi > lo]
+    if not pieces:
+        return None
+    first = flats[pieces[0][0]]
     if first.dtype != dtype:
         return None
     storage = first.untyped_storage().data_ptr()
-    start = first.storage_offset() + bucket[0][1]
+    start = first.storage_offset() + pieces[0][1]
     expected = start
-    for i, lo, hi in bucket:
+    for i, lo, hi in pieces:
         flat = flats[i]
         if (
             flat.dtype != dtype
@@ -181,11 +194,13 @@ class Buffers:
         itemsize = torch.empty((), dtype=self.wire_dtype).element_size()
         self.capacity = None if rnd.bucket_bytes is None else max(1, rnd.bucket_bytes // 2 // itemsize)
         self.donate = rnd.donate
+        self.tiled: Optional[torch.Tensor] = None
         if self.donate and self.capacity is None and not self.feedback:
             whole = plan_buckets([f.numel() for f in self.flats], None)[0]
             # Not one storage yet: average into one fresh buffer and hand back
             # views of it, so that the next donated round is free of copies.
-            self.donate = tiled(self.flats, whole, self.wire_dtype) is not None
+            self.tiled = tiled(self.flats, whole, self.wire_dtype)
+            self.donate = self.tiled is not None
         self.residuals = None
         self.new_res: Optional[list[Optional[torch.Tensor]]] = None
         if self.feedback:
@@ -216,20 +231,21 @@ class Buffers:
     def pack(self, bucket: list[Piece], slot: int) -> tuple[torch.Tensor, bool]:
         """The bucket's buffer, and whether it is the donated storage itself."""
         if self.donate and not self.feedback:
-            view = tiled(self.flats, bucket, self.wire_dtype)
+            whole = self.tiled is not None and len(bucket) == len(self.flats)
+            view = self.tiled if whole else tiled(self.flats, bucket, self.wire_dtype)
             if view is not None:
                 if self.fused and self.by != 1:
                     view.div_(self.by)
                 return view, True
         if self.plain:
-            buf = torch.cat([self.flats[i][lo:hi] for i, lo, hi in bucket])
+            buf = torch.cat(self.sources(bucket))
             return (buf if buf.dtype == self.wire_dtype else buf.to(self.wire_dtype)), False
         n = sum(hi - lo for _, lo, hi in bucket)
         buf = self.staging(n, slot)
         if self.fused and self.residuals is None and self.wire_dtype == self.dtype and n < _SMALL * len(bucket):
             # Many small leaves: one cat and one division cost fewer calls than
             # a division per leaf (the same bits: cat, then divide, is torch's).
-            torch.cat([self.flats[i][lo:hi] for i, lo, hi in bucket], out=buf)
+            torch.cat(self.sources(bucket), out=buf)
             buf.div_(self.by)
             return buf, False
         o = 0
@@ -249,6 +265,20 @@ class Buffers:
             o += hi - lo
         return buf, False
 
+    def sources(self, bucket: list[Piece]) -> list[torch.Tensor]:
+        """The flat pieces a bucket packs (whole leaves are not sliced)."""
+        flats = self.flats
+        return [flats[i] if lo == 0 and hi == flats[i].numel() else flats[i][lo:hi] for i, lo, hi in bucket]
+
+    def whole(self, bucket: list[Piece], result: torch.Tensor) -> bool:
+        """Whether the bucket holds whole leaves of ``result``'s dtype, to be unflattened at once."""
+        if _unflatten is None or self.donate or len(bucket) != len(self.leaves) or traced(result):
+            return False
+        leaves = self.leaves
+        return all(
+            lo == 0 and hi == self.flats[i].numel() and leaves[i].dtype == result.dtype for i, lo, hi in bucket
+        )
+
     def start(self, buf: torch.Tensor) -> Pending:
         """Start the bucket's collective (a sum when the division was fused)."""
         if self.fused:
@@ -264,6 +294,11 @@ class Buffers:
             if result is not buf:
                 buf.copy_(result)
             return
+        if self.whole(bucket, result):
+            # Each leaf's view of the result, shaped as the leaf, in one call.
+            assert _unflatten is not None
+            self.outs = list(_unflatten(result, self.leaves))
+            return
         pieces = result.split([hi - lo for _, lo, hi in bucket])
         for (i, lo, hi), piece in zip(bucket, pieces):
             if self.donate:
@@ -276,14 +311,20 @@ class Buffers:
                     self.outs[i] = torch.empty(self.flats[i].numel(), dtype=self.leaves[i].dtype, device=self.device)
                 self.outs[i][lo:hi].copy_(piece)
 
-    def run(self) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
-        """The whole round on this device: the averaged leaves and the new residuals."""
+    def run(self, gate: Any = _types.AGREED) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
+        """The whole round on this device: the averaged leaves and the new residuals.
+
+        ``gate.wait()`` (the replicas' agreement) runs after the first buffer
+        is packed and before its collective starts.
+        """
         with torch.no_grad():
-            in_flight: deque = deque()
+            in_flight: deque[tuple[list[Piece], torch.Tensor, bool, Pending]] = deque()
             for k, bucket in enumerate(plan_buckets([f.numel() for f in self.flats], self.capacity)):
                 if len(in_flight) == 2:
                     self.finish(*in_flight.popleft())
                 buf, in_place = self.pack(bucket, k % 2)
+                if k == 0:
+                    gate.wait()
                 in_flight.append((bucket, buf, in_place, self.start(buf)))
             while in_flight:
                 self.finish(*in_flight.popleft())
@@ -299,7 +340,9 @@ class Buffers:
             if self.flats[i].data_ptr() != leaf.data_ptr() or not leaf.is_contiguous():
                 leaf.copy_(self.flats[i].view(leaf.shape))  # reshape had to copy
             return leaf
-        out = self.outs[i].view(leaf.shape)
+        out = self.outs[i]
+        if out.shape != leaf.shape:
+            out = out.view(leaf.shape)
         if leaf.requires_grad:
             out.requires_grad_(True)
         return out

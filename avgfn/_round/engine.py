@@ -23,11 +23,12 @@ import torch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core import types as _types
-from avgfn._core.errors import AveragingError, PeerError, RoundNotCommitted
+from avgfn._core.errors import AveragingError, PeerError, ReplicaMismatchError, RoundNotCommitted
 from avgfn._core.traced import batched, traced
 from avgfn._core.types import Params, Reduce
 from avgfn._round import agree as _agree
 from avgfn._round import health as _health
+from avgfn._round import sharded as _sharded
 from avgfn._round.buffers import Buffers, check_donatable, compute_dtype
 from avgfn._round.options import DEFAULT, Round
 
@@ -52,9 +53,13 @@ def _check_leaves(leaves: list[torch.Tensor], rnd: Round, names: Names) -> None:
 
 
 def _by_device(
-    leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, residuals: Any, watch: Any
+    leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, residuals: Any, watch: Any, gate: Any
 ) -> tuple[list[torch.Tensor], Any, bool]:
-    """Average per device; also say whether any buffer wrote into the donated leaves."""
+    """Average per device; also say whether any buffer wrote into the donated leaves.
+
+    ``gate`` is the agreement check on the wire: waited for after the first
+    buffer is packed, before any data collective starts.
+    """
     dtype = compute_dtype(leaves)
     groups: dict[torch.device, list[int]] = {}
     for i, leaf in enumerate(leaves):
@@ -65,13 +70,25 @@ def _by_device(
     for indices in groups.values():
         part = None if residuals is None else [residuals[i] for i in indices]
         buffers = Buffers([leaves[i] for i in indices], reduce, rnd, dtype, part, watch)
-        values, res = buffers.run()
+        values, res = buffers.run(gate)
+        gate = _types.AGREED
         wrote = wrote or buffers.donate
         for j, i in enumerate(indices):
             out[i] = values[j]
             if new_res is not None:
                 new_res[i] = None if res is None else res[j]
     return out, new_res, wrote
+
+
+def _passed(gate: _types.Agreement, refusal: Optional[Exception]) -> None:
+    """Wait for the agreement; then raise this replica's own refusal, if it has one."""
+    try:
+        gate.wait()
+    except ReplicaMismatchError:
+        if refusal is None:
+            raise
+    if refusal is not None:
+        raise refusal
 
 
 def _donated_failure(error: PeerError) -> PeerError:
@@ -120,41 +137,110 @@ def reduce_round(
     key: Any = None,
     residuals: Optional[list[Optional[torch.Tensor]]] = None,
     policy: Optional[str] = None,
+    refusal: Optional[Exception] = None,
 ) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
     """Average ``leaves`` over the group of ``reduce`` as ``rnd`` says (see the module docstring).
+
+    DTensor leaves (FSDP2's params) are averaged as their local shards and
+    come back as DTensors laid out as they were (`avgfn._round.sharded`).
 
     ``names()`` names the leaves, ``key`` (hashable) identifies their
     structure for the agreement's cache, ``residuals`` are the error-feedback
     residuals (one per leaf, or ``None``), ``policy`` overrides
-    ``rnd.nonfinite``. Returns the averaged leaves (the leaves themselves
-    when nothing was averaged) and the new residuals.
+    ``rnd.nonfinite``, ``refusal`` is the error of a local check the caller
+    made: it is raised once the peers know (they raise at once instead of
+    waiting for this replica). Returns the averaged leaves (the leaves
+    themselves when nothing was averaged) and the new residuals.
+    """
+    if _sharded.any_dtensor(leaves) or (residuals is not None and _sharded.any_dtensor(residuals)):
+        shards, origins = _sharded.unwrap(leaves)
+        res = None if residuals is None else [None if r is None else _sharded.local(r) for r in residuals]
+        averaged, new_res = _reduce_local(
+            shards, reduce, rnd, step=step, names=names, key=key, residuals=res, policy=policy,
+            refusal=refusal, sharding=_sharded.layouts(leaves),
+            combine=lambda flag: _sharded.everywhere(flag, leaves),
+        )  # fmt: skip
+        if averaged is shards:  # nothing was averaged
+            return leaves, residuals
+        out = _sharded.rewrap(averaged, origins, shards)
+        if new_res is not None and residuals is not None and res is not None:
+            new_res = [
+                None if r is None else _sharded.wrap(r, old if _sharded.is_dtensor(old) else None, shard)
+                for r, old, shard in zip(new_res, residuals, res)
+            ]
+        return out, new_res
+    return _reduce_local(
+        leaves, reduce, rnd, step=step, names=names, key=key, residuals=residuals, policy=policy, refusal=refusal
+    )
+
+
+def _reduce_local(
+    leaves: list[torch.Tensor],
+    reduce: Reduce,
+    rnd: Round,
+    *,
+    step: Optional[int],
+    names: Names,
+    key: Any,
+    residuals: Optional[list[Optional[torch.Tensor]]],
+    policy: Optional[str],
+    refusal: Optional[Exception],
+    sharding: Optional[tuple[str, ...]] = None,
+    combine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
+    """`reduce_round()` on plain tensors.
+
+    ``sharding``: the DTensor layouts they are shards of; ``combine``: ands
+    a health verdict over the ranks holding the other shards.
     """
     policy = rnd.nonfinite if policy is None else policy
+    exchange = policy != "ignore" and (rnd.donate or policy == "exclude")  # the health flag
+    if refusal is None and leaves:
+        try:
+            _check_leaves(leaves, rnd, names)
+        except (TypeError, ValueError) as error:
+            refusal = error
+    gate = _types.AGREED
     if rnd.agree:  # also with no leaf: the peers must learn that this replica averages nothing
-        _agree.agree_round(leaves, reduce, step, names, key)
+        wire = f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}"
+        refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
+        gate = _agree.start_round(leaves, reduce, step, names, key, wire, refused, sharding)
+    if refusal is not None or not leaves or exchange or rnd.donate:
+        # Nothing may move, nor a donated leaf be written, before the check passed.
+        _passed(gate, refusal)
+        gate = _types.AGREED
     if not leaves:
         return leaves, residuals
-    _check_leaves(leaves, rnd, names)
 
     def local_bad() -> list[str]:
         return [names()[k] for k, leaf in enumerate(leaves) if not bool(_health.finite([leaf], limit))]
 
     limit = _wire_limit(rnd)
-    plan = _health.plan(leaves, reduce, policy, rnd.donate, local_bad, limit)
+    plan = _health.plan(leaves, reduce, policy, rnd.donate, local_bad, limit, combine)
     if plan.skip:
         return leaves, residuals
-    sent = leaves if plan.mask is None else [_zero_unless(plan.mask, leaf) for leaf in leaves]
+    sent, sent_res = leaves, residuals
+    if plan.mask is not None:  # an excluded replica sends nothing, its carried rounding error included
+        sent = [_zero_unless(plan.mask, leaf) for leaf in leaves]
+        if residuals is not None:
+            sent_res = [None if r is None else _zero_unless(plan.mask, r) for r in residuals]
     watch = _health.Watch() if plan.check and not traced(leaves[0]) else None
     try:
-        averaged, new_res, wrote = _by_device(sent, plan.reduce, rnd, residuals, watch)
+        averaged, new_res, wrote = _by_device(sent, plan.reduce, rnd, sent_res, watch, gate)
     except PeerError as error:
         raise (_donated_failure(error) if rnd.donate else error) from error
     if plan.mask is not None:
         averaged = [_like(leaf, value, plan.keep) for leaf, value in zip(leaves, averaged)]
+        if new_res is not None and residuals is not None:  # and keeps the error it carried
+            new_res = [
+                n if n is None or old is None else torch.where(plan.mask, n, old)
+                for n, old in zip(new_res, residuals)
+            ]
     if plan.check:
         averaged = _health.check_result(
             policy, leaves, averaged, watch, local_bad,
             lambda flags: [names()[k] for k, bad in enumerate(flags) if bad], wrote, limit is not None,
+            combine,
         )  # fmt: skip
         if averaged is leaves:  # skipped: nothing was averaged
             return leaves, residuals
@@ -204,23 +290,26 @@ def average_tree(
     ``residual`` (with ``rnd.error_feedback``) is a tuple of one tensor per
     floating-point leaf of ``params``, in tree order.
     """
-    leaves, spec = _tree.tree_flatten(params)
-    mask = _select.selection(where, params, leaves, spec)
+    leaves, flat = _tree.flatten(params)
+    mask = _select.selection(where, params, leaves, flat)
     chosen = [i for i, selected in enumerate(mask) if selected]
     if not chosen:
-        reduce_round([], reduce, rnd, step=step, names=lambda: [], key=(spec, ()))
+        reduce_round([], reduce, rnd, step=step, names=lambda: [], key=(flat.key, ()))
         return params, residual
     names = _tree.lazy_paths(params, chosen)
-    _check_leaves([leaves[i] for i in chosen], rnd, names)
-    if rnd.donate:
-        check_donatable(leaves, mask, lambda i: _tree.path_of(params, i))
-    res_leaves = None
-    if rnd.error_feedback:
-        res_leaves = _residual_leaves(residual, leaves)
     selected = [leaves[i] for i in chosen]
+    res_leaves = refusal = None
+    try:  # checks of what this replica alone holds: its peers learn of a failure
+        _check_leaves(selected, rnd, names)
+        if rnd.donate:
+            check_donatable([_sharded.local(t) for t in leaves], mask, lambda i: _tree.path_of(params, i))
+        if rnd.error_feedback:
+            res_leaves = _residual_leaves(residual, leaves)
+    except (TypeError, ValueError) as error:
+        refusal = error
     averaged, new_res = reduce_round(
-        selected, reduce, rnd, step=step, names=names, key=(spec, tuple(chosen)),
-        residuals=None if res_leaves is None else [res_leaves[i] for i in chosen],
+        selected, reduce, rnd, step=step, names=names, key=(flat.key, tuple(chosen)),
+        residuals=None if res_leaves is None else [res_leaves[i] for i in chosen], refusal=refusal,
     )  # fmt: skip
     if averaged is selected:  # the round was skipped
         return params, residual
@@ -229,11 +318,11 @@ def average_tree(
         new_leaves[i] = value
     new_residual = residual
     if new_res is not None and res_leaves is not None:
-        for i, value in zip(chosen, new_res):
-            if value is not None:
-                res_leaves[i] = value
+        for i, res in zip(chosen, new_res):
+            if res is not None:
+                res_leaves[i] = res
         new_residual = tuple(r for r in res_leaves if r is not None)
-    return _tree.tree_unflatten(new_leaves, spec), new_residual
+    return flat.unflatten(new_leaves), new_residual
 
 
 class Averaging:

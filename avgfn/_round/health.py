@@ -37,6 +37,7 @@ import torch
 from avgfn._core.types import Reduce
 from avgfn._core.errors import NonFiniteError
 from avgfn._core.traced import traced
+from avgfn._round import sharded as _sharded
 
 def _extremes(t: torch.Tensor) -> torch.Tensor:
     """A small tensor that is finite exactly when ``t`` is.
@@ -51,24 +52,72 @@ def _extremes(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high]).to(torch.float64)
 
 
+def _one_span(leaves: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A 1-D view over ``leaves`` when they tile one storage in order (a donated round's do)."""
+    first = leaves[0]
+    if len(leaves) < 2 or not first.is_floating_point() or traced(first):
+        return None
+    dtype, storage, start = first.dtype, first.untyped_storage().data_ptr(), first.storage_offset()
+    expected = start
+    for leaf in leaves:
+        if leaf.numel() == 0:
+            continue
+        if (
+            leaf.dtype != dtype
+            or not leaf.is_contiguous()
+            or leaf.storage_offset() != expected
+            or leaf.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        expected += leaf.numel()
+    return first.new_empty(0).set_(first.untyped_storage(), start, (expected - start,), (1,))
+
+
 def finite(leaves: list[torch.Tensor], limit: Optional[float] = None) -> torch.Tensor:
     """A 0-d bool tensor: every element of every leaf is finite (and within ``limit``).
 
     ``limit`` is the largest magnitude the wire dtype holds (after the
     division by the group size): a value past it would arrive as infinity.
+    Leaves that tile one storage are read in one pass; a DTensor leaf is
+    judged by its local shard (no communication).
     """
+    leaves = [_sharded.local(leaf) for leaf in leaves]
+    return _judge(_extremes_of(leaves), leaves, limit)
+
+
+def _extremes_of(leaves: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The extremes of every floating-point leaf, in one float64 tensor (``None``: no such leaf)."""
+    span = _one_span(leaves)
     checks = [
         _extremes(leaf)
-        for leaf in leaves
+        for leaf in ([span] if span is not None else leaves)
         if (leaf.is_floating_point() or leaf.is_complex()) and leaf.numel()
     ]
-    if not checks:
+    return torch.cat(checks) if checks else None
+
+
+def _judge(values: Optional[torch.Tensor], leaves: list[torch.Tensor], limit: Optional[float]) -> torch.Tensor:
+    if values is None:
         return torch.ones((), dtype=torch.bool, device=leaves[0].device)
-    values = torch.cat(checks)
     ok = torch.isfinite(values).all()
     if limit is not None:
         ok = ok & (values.abs() <= limit).all()
     return ok
+
+
+def _roomy(values: Optional[torch.Tensor], leaves: list[torch.Tensor], limit: Optional[float]) -> torch.Tensor:
+    """Whether the sum of the group's pre-divided shares cannot overflow (exact wires only).
+
+    Each replica's share is at most ``max / 2 / W`` when its values are at
+    most half the dtype's largest value, so the sum of ``W`` shares, rounding
+    included, stays finite: a mean the peers agreed was healthy need not be
+    read again. Past half (or on a narrower wire) the mean is checked.
+    """
+    device = leaves[0].device
+    if values is None or limit is not None or any(leaf.is_complex() for leaf in leaves):
+        return torch.zeros((), dtype=torch.bool, device=device)
+    half = min(torch.finfo(leaf.dtype).max for leaf in leaves if leaf.is_floating_point()) / 2
+    return (values.abs() <= half).all()
 
 
 class Watch:
@@ -158,24 +207,34 @@ def plan(
     donate: bool,
     bad_paths: Callable[[], list[str]],
     limit: Optional[float] = None,
+    combine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Plan:
-    """Decide the round before its data moves (see the module docstring)."""
+    """Decide the round before its data moves (see the module docstring).
+
+    ``combine`` (for shards of DTensors) ands a local verdict over the ranks
+    holding the other shards, so that a replica decides as one.
+    """
     if policy == "ignore":
         return Plan(reduce)
     if policy in ("raise", "skip") and not donate:
         return Plan(reduce, check=True)
-    ok = finite(leaves, limit)
-    flags = torch.stack([~ok, ok]).to(torch.float32)
+    values = _extremes_of(leaves)
+    ok = _judge(values, leaves, limit)
+    roomy = _roomy(values, leaves, limit)
+    if combine is not None:
+        ok, roomy = combine(ok), combine(roomy)
+    flags = torch.stack([~ok, ok, ~roomy]).to(torch.float32)
     means = reduce(flags)
     if not isinstance(means, torch.Tensor) or means.shape != flags.shape:
         raise ValueError(
-            f"reduce must return a tensor shaped like its input (2,), got {getattr(means, 'shape', means)!r}"
+            f"reduce must return a tensor shaped like its input (3,), got {getattr(means, 'shape', means)!r}"
         )
     unhealthy, healthy = means[0], means[1]
     if traced(leaves[0]):
         return Plan(_rescaled(reduce, healthy), mask=ok, keep=healthy <= 0, check=True)
     if float(unhealthy) <= 0:
-        return Plan(reduce, check=True)
+        # Every replica is healthy; on an exact wire with room to spare the sum cannot overflow.
+        return Plan(reduce, check=float(means[2]) > 0)
     if policy == "skip":
         return Plan(reduce, skip=True)
     if policy == "raise" or float(healthy) <= 0:
@@ -192,6 +251,7 @@ def check_result(
     result_paths: Callable[[list[bool]], list[str]],
     donated: bool = False,
     wire: bool = False,
+    combine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> list[torch.Tensor]:
     """Refuse a non-finite mean (eager), keep the old values (traced, or ``"skip"``).
 
@@ -205,7 +265,10 @@ def check_result(
                 new = torch.where(torch.isfinite(new).all(), new, old.detach().to(new.dtype))
             out.append(new)
         return out
-    if watch.finite():
+    healthy = watch.finite()
+    if combine is not None:  # every shard of the replica decides alike
+        healthy = bool(combine(torch.tensor(healthy)))
+    if healthy:
         return averaged
     if policy == "skip" and not donated:
         return originals

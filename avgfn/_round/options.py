@@ -58,10 +58,13 @@ class Round:
       nonfinite: the non-finite policy, one of ``"raise"``, ``"skip"``,
         ``"exclude"``, ``"ignore"`` (see ``docs/failures.md``); each averager
         says which it accepts.
-      verify: what ``init`` checks the replicas agree on: ``"structure"``
-        (paths, shapes, dtypes), ``"values"`` (also identical values: the
-        outer-step averagers need equal starts), ``None``, or ``"auto"``
-        (the averager's own default).
+      verify: what the replicas must agree on at the start of training:
+        ``"structure"`` (paths, shapes, dtypes, checked at ``init``),
+        ``"values"`` (also identical values: of the params at ``init``; the
+        outer-step averagers compare their global copy instead, at their
+        first round, so that a resume can build its template from
+        mid-period params), ``None``, or ``"auto"`` (the averager's own
+        default).
       agree: before any value is mixed, the replicas of the group check that
         they average the same leaves (paths, shapes, dtypes of the selection)
         at the same step: one extra collective of two int64 per round

@@ -16,7 +16,7 @@ from avgfn._core import tree as _tree
 from avgfn._core.types import Averager, Params
 from avgfn._core.checks import check_state, check_step
 from avgfn._algorithms.post_local import GradientSchedule, PostLocalSGD, unpack
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 from avgfn.optim._base import Optimizer
 
 Skip = Union[bool, torch.Tensor, Callable[[Params], Union[bool, torch.Tensor]]]
@@ -24,7 +24,7 @@ Skip = Union[bool, torch.Tensor, Callable[[Params], Union[bool, torch.Tensor]]]
 
 
 @record
-class AveragingState:
+class AveragingState(Record):
     """State of [`with_averaging()`][avgfn.with_averaging].
 
     Attributes:

@@ -135,7 +135,8 @@ def sync_inner_state(
     nodes, node_spec = _tree.tree_flatten(opt_state, is_leaf=is_params_like)
     fresh_nodes: list[Any] = []
     if policy == "reset":
-        fresh = optimizer.init(after)  # type: ignore[union-attr]
+        assert optimizer is not None  # check_policy refuses "reset" without an optimizer
+        fresh = optimizer.init(after)
         fresh_nodes, fresh_spec = _tree.tree_flatten(fresh, is_leaf=is_params_like)
         if fresh_spec != node_spec:
             raise ValueError(
@@ -156,6 +157,7 @@ def sync_inner_state(
                 if flag:
                     new[i] = fresh[i]
         else:
+            assert reduce is not None  # check_policy refuses "average" without a Reduce
             chosen = [i for i, flag in enumerate(synced) if flag and isinstance(leaves[i], torch.Tensor)]
             means, _ = average_tree(tuple(leaves[i] for i in chosen), reduce, None, _INNER_ROUND)
             for i, value in zip(chosen, means):

@@ -5,7 +5,10 @@
    ``torch.func.vmap``), each worker on its own shard, counting its
    collective calls and bytes.
 2. Prints a table (train and held-out loss/accuracy, calls, bytes per
-   worker) and writes a figure (held-out loss against steps and bytes).
+   worker), notes on what a curve does that a reader would not expect (an
+   algorithm that overfits: its held-out loss rising past its minimum while
+   its training loss falls, found in the run's curves), and writes a figure
+   (held-out loss against steps and bytes).
 3. Runs one algorithm for real with ``torchrun`` on ``--torchrun-workers``
    gloo processes over loopback, and checks that their final params are those
    of a simulation of the same configuration (PASS / FAIL; exit code 1 on FAIL).
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional, TextIO
 
@@ -51,7 +54,7 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
-def _at_least(minimum: int):  # noqa: ANN202
+def _at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -163,18 +166,24 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
         print(f"python -m avgfn.demo: error: {error}", file=sys.stderr if stderr is None else stderr)
         return 2
     study_seconds = time.perf_counter() - started
-    from avgfn.demo._report import table
+    from avgfn.demo._report import explain, table
 
     say()
     say(table(results, task))
     say()
+    notes = explain(results)
+    if notes:
+        say("Why a curve does what it does:")
+        for line in notes:
+            say(line)
+        say()
     from avgfn.demo._plot import plot
 
-    skipped = plot(results, task, args.out)
-    if skipped is None:
+    no_figure = plot(results, task, args.out)
+    if no_figure is None:
         say(f"figure: {args.out.resolve()}")
     else:
-        say(f"figure skipped: {skipped}")
+        say(f"figure skipped: {no_figure}")
     say(f"study: {study_seconds:.1f} s")
     if args.no_torchrun:
         return 0

@@ -1,13 +1,20 @@
-"""The study's table, as text: quality and communication, one row per algorithm."""
+"""The study's table, as text: quality and communication, one row per algorithm.
+
+And the notes under it, which say why a curve does what a reader would not
+expect (`find_overfitting()`, `explain()`), computed from the run.
+"""
 
 from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from typing import Optional
+
+import attrs
 
 from avgfn.demo._study import MOMENTUM, Result, Task
 
-__all__ = ["format_bytes", "format_ratio", "table"]
+__all__ = ["Overfitting", "explain", "find_overfitting", "format_bytes", "format_ratio", "table"]
 
 
 def format_bytes(n: float) -> str:
@@ -102,3 +109,98 @@ def table(results: Sequence[Result], task: Task) -> str:
             line += f"; {parts}"
         lines.append(line)
     return "\n".join(lines)
+
+
+# --- why a curve does what it does ---------------------------------------------------------
+
+
+@attrs.frozen
+class Overfitting:
+    """A held-out loss that rises past its minimum while the training loss keeps falling.
+
+    Attributes:
+      best_step, best_loss: the point where the held-out loss is lowest.
+      end_step, end_loss: the last point.
+      train_at_best, train_at_end: the training loss at those two points.
+      acc_at_best, acc_at_end: the held-out accuracy at those two points.
+    """
+
+    best_step: int
+    best_loss: float
+    end_step: int
+    end_loss: float
+    train_at_best: float
+    train_at_end: float
+    acc_at_best: float
+    acc_at_end: float
+
+
+def find_overfitting(
+    points: Sequence[tuple[int, float, float, float]], *, rise: float = 0.2, fall: float = 0.8
+) -> Optional[Overfitting]:
+    """Overfitting in a run's curve, or ``None``.
+
+    Overfitting here: the held-out loss is lowest at some point, the last two
+    points both lie more than ``rise`` (a fraction) above that minimum, and the
+    training loss at the end is at most ``fall`` times what it was at the
+    minimum. A single spike, or a rise shared by the training loss (a run that
+    diverges), is not overfitting.
+
+    Args:
+      points: ``(step, test_loss, test_acc, train_loss)`` in step order.
+      rise: how far above its minimum the held-out loss must end, relatively.
+      fall: the most the training loss may keep of its value at the minimum.
+
+    Examples:
+      >>> from avgfn.demo._report import find_overfitting
+      >>> test = [2.0, 0.5, 0.3, 0.25, 0.3, 0.35, 0.4]
+      >>> train = [2.0, 0.4, 0.2, 0.1, 0.05, 0.02, 0.01]
+      >>> points = [(16 * i, t, 0.9, tr) for i, (t, tr) in enumerate(zip(test, train))]
+      >>> found = find_overfitting(points)
+      >>> found.best_step, found.best_loss, found.end_step, found.train_at_end
+      (48, 0.25, 96, 0.01)
+      >>> find_overfitting(points[:5]) is None     # one point above the minimum is not enough
+      True
+    """
+    if len(points) < 3:
+        return None
+    best = min(range(len(points)), key=lambda i: points[i][1])
+    if best > len(points) - 3:
+        return None
+    step, loss, acc, train = points[best]
+    end_step, end_loss, end_acc, end_train = points[-1]
+    if min(points[-2][1], end_loss) <= loss * (1 + rise):
+        return None
+    if end_train > fall * train:
+        return None
+    return Overfitting(step, loss, end_step, end_loss, train, end_train, acc, end_acc)
+
+
+def explain(results: Sequence[Result]) -> list[str]:
+    """The notes the demo prints under its table: why a curve behaves as it does.
+
+    One paragraph (wrapped lines) per algorithm whose held-out loss
+    ``find_overfitting`` finds rising while its training loss falls; an empty
+    list when there is none.
+    """
+    lines: list[str] = []
+    for r in results:
+        found = find_overfitting([(p[0], p[3], p[4], p[5]) for p in r.curve])
+        if found is None:
+            continue
+        text = (
+            f"{r.name}: overfitting. Its held-out loss is lowest at step {found.best_step} "
+            f"({found.best_loss:.3f}) and rises to {found.end_loss:.3f} by step {found.end_step}, "
+            f"while its training loss falls from {found.train_at_best:.3f} to "
+            f"{found.train_at_end:.3f}."
+        )
+        accuracy = f"{found.acc_at_best:.1%} at step {found.best_step}, {found.acc_at_end:.1%} at the end"
+        if found.acc_at_end >= found.acc_at_best - 0.01:
+            text += (
+                f" Its held-out accuracy does not drop ({accuracy}): the model grows more "
+                "confident, and the few images it gets wrong cost more."
+            )
+        else:
+            text += f" Its held-out accuracy drops too ({accuracy})."
+        lines += textwrap.wrap(text, 100, initial_indent="  ", subsequent_indent="    ")
+    return lines

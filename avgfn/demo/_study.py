@@ -16,7 +16,7 @@ the algorithms that keep a global copy it is that copy right after a sync).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional, Protocol
 
 import attrs
@@ -56,7 +56,11 @@ def _positive(name: str) -> Callable[[Any, Any, Any], None]:
     return check
 
 
-def _widths(instance: Any, attribute: Any, value: tuple) -> None:
+def _as_widths(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(value)
+
+
+def _widths(instance: Any, attribute: Any, value: tuple[Any, ...]) -> None:
     del instance, attribute
     if not value or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in value):
         raise ValueError(f"hidden must be one or more widths >= 1, got {value!r}")
@@ -81,7 +85,7 @@ class Config:
     steps: int = attrs.field(default=480, validator=_positive("steps"))
     batch_size: int = attrs.field(default=32, validator=_positive("batch_size"))
     lr: float = 0.05
-    hidden: tuple[int, ...] = attrs.field(default=(64, 64), converter=tuple, validator=_widths)
+    hidden: tuple[int, ...] = attrs.field(default=(64, 64), converter=_as_widths, validator=_widths)
     seed: int = 0
     eval_every: int = attrs.field(default=16, validator=_positive("eval_every"))
     test_size: int = 297
@@ -200,7 +204,7 @@ class Comm(Protocol):
         """The mean over all the workers."""
         ...
 
-    def hierarchy(self, period_group_sizes: dict[int, int]) -> list[tuple[int, avgfn.Reduce]]:
+    def hierarchy(self, period_group_sizes: dict[int, int]) -> Sequence[tuple[int, avgfn.Reduce]]:
         """The levels of [`avgfn.hierarchical()`][avgfn.hierarchical] for ``period -> group size``."""
         ...
 
@@ -246,8 +250,8 @@ LOCAL_PERIODS = (4, 16)
 OUTER_PERIOD = 16  # H of DiLoCo, Streaming DiLoCo and SlowMo
 POST_LOCAL_PERIOD = 16
 HIERARCHY_PERIODS = (4, 16)  # groups of 2 every 4 steps, everyone every 16
-STREAMING = {"num_fragments": 2, "delay": 1, "alpha": 0.5}  # fragments: see fragments()
-SLOWMO = {"momentum": 0.5, "slow_lr": 1.0}
+STREAMING: dict[str, Any] = {"num_fragments": 2, "delay": 1, "alpha": 0.5}  # fragments: see fragments()
+SLOWMO: dict[str, Any] = {"momentum": 0.5, "slow_lr": 1.0}
 
 
 def post_local_start(config: Config) -> int:
@@ -357,6 +361,15 @@ def _streaming(comm: Comm, config: Config) -> avgfn.AveragingUpdate:
     return avgfn.with_averaging(_inner(config), avg)
 
 
+def _overlapped(comm: Comm, config: Config) -> avgfn.AveragingUpdate:
+    # DiLoCo's Nesterov step (lr 0.7, momentum 0.9) diverges here when 7/8 of each
+    # mean arrives a round late; plain SGD at lr 1 (the mean itself) does not.
+    avg = avgfn.overlapped_diloco(
+        OUTER_PERIOD, reduce=comm.world(), num_replicas=comm.workers, outer_optimizer=avgfn.optim.sgd(1.0)
+    )
+    return avgfn.with_averaging(_inner(config), avg)
+
+
 def _slowmo(comm: Comm, config: Config) -> avgfn.AveragingUpdate:
     avg = avgfn.slowmo(OUTER_PERIOD, reduce=comm.world(), lr=config.lr, **SLOWMO)
     return avgfn.with_averaging(_inner(config), avg)
@@ -383,6 +396,11 @@ def _summaries() -> dict[str, Callable[[Config], str]]:
             f"DiLoCo in {STREAMING['num_fragments']} fragments (layer 1 / the rest) synced in turn "
             f"every {OUTER_PERIOD // STREAMING['num_fragments']} steps, each sent "
             f"{STREAMING['delay']} step before use, mixed with alpha {STREAMING['alpha']}"
+        ),
+        "overlapped-diloco": lambda c: (
+            f"DiLoCo whose averaged pseudo-gradient is applied one round late (eager updates: "
+            f"each worker's own pseudo-gradient stands in for its share at once), {OUTER_PERIOD} "
+            "local steps, outer SGD step (lr 1.0: with DiLoCo's Nesterov step it diverges)"
         ),
         "slowmo": lambda c: (
             f"params averaged every {OUTER_PERIOD} steps, then a slow momentum step "
@@ -417,6 +435,7 @@ def algorithm(name: str) -> Algorithm:
         "hierarchical": _hierarchical,
         "diloco": _diloco,
         "streaming-diloco": _streaming,
+        "overlapped-diloco": _overlapped,
         "slowmo": _slowmo,
     }
     if name not in builds:
@@ -434,6 +453,7 @@ ALGORITHMS = (
     "hierarchical",
     "diloco",
     "streaming-diloco",
+    "overlapped-diloco",
     "slowmo",
 )
 """The algorithms of the default study, in table order."""
@@ -449,9 +469,10 @@ class Result:
     Attributes:
       name: the algorithm.
       summary: what it did.
-      curve: ``(step, calls, bytes, test_loss, test_acc)`` at the start,
-        after every ``eval_every`` steps and at the end; ``calls``/``bytes``
-        are the totals per worker so far.
+      curve: ``(step, calls, bytes, test_loss, test_acc, train_loss)`` at the
+        start, after every ``eval_every`` steps and at the end; ``calls``/``bytes``
+        are the totals per worker so far, the losses and accuracy those of the
+        workers' mean params (``train_loss`` on the training images).
       train_loss, train_acc, test_loss, test_acc: of the workers' mean params
         at the end, on the whole training set and on the held-out images.
       ledger: the `avgfn.demo.Ledger` of the run.
@@ -461,7 +482,7 @@ class Result:
 
     name: str
     summary: str
-    curve: list[tuple[int, int, int, float, float]]
+    curve: list[tuple[int, int, int, float, float, float]]
     train_loss: float
     train_acc: float
     test_loss: float
@@ -514,22 +535,28 @@ def _run(name: str, task: Task, progress: Optional[Progress]) -> Result:
     step_all = vmap(step_fn, in_dims=(0, 0, 0, 0, None))
     rows = torch.arange(workers)[:, None]
     split_ = task.split
-    curve = [(0, 0, 0, *task.evaluate(task.init, split_.test_x, split_.test_y))]
+    used = workers * task.shard_y.shape[1]
+    train_x, train_y = split_.train_x[:used], split_.train_y[:used]
+    curve = [
+        (0, 0, 0, *task.evaluate(task.init, split_.test_x, split_.test_y),
+         task.evaluate(task.init, train_x, train_y)[0])
+    ]  # fmt: skip
     started = time.perf_counter()
     for step in range(config.steps):
         pick = task.indices[step]
         stacked, state, _ = step_all(stacked, state, task.shard_x[rows, pick], task.shard_y[rows, pick], step)
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
-            test_loss, test_acc = task.evaluate(mean_params(stacked), split_.test_x, split_.test_y)
+            mean = mean_params(stacked)
+            test_loss, test_acc = task.evaluate(mean, split_.test_x, split_.test_y)
+            train_loss = task.evaluate(mean, train_x, train_y)[0]
             ledger = comm.ledger
-            curve.append((done, ledger.total_calls, ledger.total_bytes, test_loss, test_acc))
+            curve.append((done, ledger.total_calls, ledger.total_bytes, test_loss, test_acc, train_loss))
         if progress is not None:
             progress.advance(name)
     seconds = time.perf_counter() - started
     final = mean_params(stacked)
-    used = workers * task.shard_y.shape[1]
-    train_loss, train_acc = task.evaluate(final, split_.train_x[:used], split_.train_y[:used])
+    train_loss, train_acc = task.evaluate(final, train_x, train_y)
     test_loss, test_acc = task.evaluate(final, split_.test_x, split_.test_y)
     return Result(
         name, algo.summary(config), curve, train_loss, train_acc, test_loss, test_acc,

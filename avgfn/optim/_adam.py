@@ -6,14 +6,14 @@ from typing import Any, Optional, Union
 
 import torch
 
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 from avgfn.optim._base import Optimizer
 from avgfn.optim._moments import adaptive_moments
 from avgfn.optim._schedules import Schedule
 
 
 @record
-class AdamState:
+class AdamState(Record):
     """State of [`adam()`][avgfn.optim.adam].
 
     Attributes:

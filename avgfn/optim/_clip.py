@@ -33,7 +33,10 @@ def _group_order(leaves: list[torch.Tensor]) -> list[list[int]]:
     keys = [(leaf.device, leaf.dtype) for leaf in leaves]
     if len(set(keys)) == 1:
         return [list(range(len(leaves)))]
-    proxies = [torch.empty(0, device=device, dtype=dtype) for device, dtype in keys]
+    # torch's helper takes lists whose entries may be None.
+    proxies: list[Optional[torch.Tensor]] = [
+        torch.empty(0, device=device, dtype=dtype) for device, dtype in keys
+    ]
     grouped = _group_tensors_by_device_and_dtype([proxies], with_indices=True)
     return [list(indices) for _, (_, indices) in grouped.items()]
 

@@ -8,11 +8,13 @@ applied to the param before the step (AdamW's decoupled decay).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
 from avgfn._core import tree as _tree
+from avgfn._core.traced import zeros_like_batch
 from avgfn._core.types import Params
 from avgfn.optim._base import (
     Optimizer,
@@ -84,7 +86,6 @@ def _zero_state(
 ) -> Any:
     """A ``state_cls`` at step 0 with zero moments shaped like ``params``."""
     leaves, spec = flatten_params(params, init_who)
-    device = leaves[0].device if leaves else torch.device("cpu")
 
     def zeros() -> Any:
         return _tree.tree_unflatten(
@@ -92,7 +93,7 @@ def _zero_state(
         )
 
     return state_cls(
-        torch.zeros((), dtype=torch.int64, device=device),
+        zeros_like_batch(leaves),  # batched under vmap: vmap(init) gives update's strides
         zeros(),
         zeros(),
         zeros() if amsgrad else None,
@@ -101,7 +102,7 @@ def _zero_state(
 
 def _moment_leaves(
     who: str, amsgrad: bool, state: Any, spec: Any, p_leaves: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Optional[torch.Tensor]]]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor], Sequence[Optional[torch.Tensor]]]:
     """The leaves of ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``.
 
     Those of ``max_exp_avg_sq`` are ``None`` without amsgrad.
@@ -147,6 +148,7 @@ def _adam_leaf(
     m = torch.lerp(m, g, 1 - opts.beta1)
     v = torch.addcmul(torch.mul(v, opts.beta2), g, g, value=1 - opts.beta2)
     if opts.amsgrad:
+        assert vmax is not None  # the state has max_exp_avg_sq exactly when amsgrad
         vmax = torch.maximum(vmax, v)
         second = vmax
     else:
@@ -160,7 +162,7 @@ def _adam_leaf(
 
 def adaptive_moments(
     who: str,
-    state_cls: Callable[..., Any],
+    state_cls: type[Any],
     *,
     lr: Union[float, Schedule],
     betas: tuple[float, float],

@@ -309,7 +309,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
       A [`Schedule`][avgfn.optim.Schedule].
 
     Raises:
-      TypeError: a schedule that is not callable, or a boundary that is not an int.
+      TypeError: a schedule that is not callable, or a boundary that is not an integer.
       ValueError: the wrong number of boundaries, or boundaries not increasing.
 
     Examples:

@@ -7,8 +7,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from avgfn._core import tree as _tree
+from avgfn._core.traced import zeros_like_batch
 from avgfn._core.types import Params
-from avgfn._core.records import record
+from avgfn._core.records import Record, record
 from avgfn.optim._base import (
     Optimizer,
     check_float,
@@ -20,7 +21,7 @@ from avgfn.optim._schedules import Schedule, check_lr, lr_at
 
 
 @record
-class SGDState:
+class SGDState(Record):
     """State of [`sgd()`][avgfn.optim.sgd].
 
     Attributes:
@@ -35,8 +36,8 @@ class SGDState:
 
 
 def _step_counter(leaves: list[torch.Tensor]) -> torch.Tensor:
-    device = leaves[0].device if leaves else torch.device("cpu")
-    return torch.zeros((), dtype=torch.int64, device=device)
+    # Batched like the params under vmap, so vmap(init) gives update's strides.
+    return zeros_like_batch(leaves)
 
 
 def _check_sgd_options(
@@ -121,6 +122,8 @@ def _sgd_direction(
         g = torch.add(g, p, alpha=weight_decay)
     if momentum == 0:
         return g, None
+    # With momentum the state has buffers, and ``first`` marks its first step.
+    assert buf is not None and first is not None
     # torch: the first step clones the gradient, later ones
     # buf.mul_(momentum).add_(grad, alpha=1 - dampening).
     later = torch.add(torch.mul(buf, momentum), g, alpha=1 - dampening)

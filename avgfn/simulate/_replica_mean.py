@@ -86,7 +86,9 @@ def _replica_mean_vmap(
 ) -> tuple[torch.Tensor, int]:
     # torch only calls this when ``tensor`` is batched at this level.
     check_group(group_size, info.batch_size)
-    stacked = tensor.movedim(in_dims[0], 0)
+    batch_dim = in_dims[0]
+    assert batch_dim is not None  # torch calls a vmap rule only with a batched input
+    stacked = tensor.movedim(batch_dim, 0)
     return group_mean(stacked, group_size), 0
 
 

@@ -19,7 +19,7 @@ import torch.distributed._functional_collectives as _funcol
 
 from avgfn._core.errors import PeerError, ReplicaMismatchError
 from avgfn._core.levels import group_sizes
-from avgfn._core.types import ReduceSchedule
+from avgfn._core.types import Done, ReduceSchedule
 
 Timeout = Union[None, float, int, datetime.timedelta]
 
@@ -118,7 +118,7 @@ class GroupMean:
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.start(tensor).wait()
 
-    def start(self, tensor: torch.Tensor) -> Union["_PendingMean", "_TracedSum"]:
+    def start(self, tensor: torch.Tensor) -> Union["_PendingMean", Done]:
         """Begin the mean of ``tensor`` without waiting (``async_op=True``).
 
         The buckets of a round (``bucket_bytes``) use this to pack the next
@@ -139,7 +139,7 @@ class GroupMean:
         """
         return max(self.size, 1)
 
-    def start_sum(self, tensor: torch.Tensor) -> Union["_PendingMean", "_TracedSum"]:
+    def start_sum(self, tensor: torch.Tensor) -> Union["_PendingMean", Done]:
         """Begin the sum of ``tensor`` (already divided by `divisor()`) over the group.
 
         Eagerly this is a c10d ``all_reduce(async_op=True)`` whose ``wait``
@@ -153,7 +153,7 @@ class GroupMean:
         if dist.get_rank(group) < 0:
             return _PendingMean(self, None, tensor, 0.0)
         if torch.compiler.is_compiling():
-            return _TracedSum(_funcol.all_reduce(tensor, "sum", group))
+            return Done(_funcol.all_reduce(tensor, "sum", group))  # waits where first read
         started = time.monotonic()
         try:
             work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
@@ -308,18 +308,6 @@ class _PendingMean:
             except RuntimeError as error:
                 raise self.owner._failure(error, self.started) from error
         return self.tensor
-
-
-class _TracedSum:
-    """A functional all-reduce in a traced graph: its result waits where it is first read."""
-
-    __slots__ = ("result",)
-
-    def __init__(self, result: torch.Tensor) -> None:
-        self.result = result
-
-    def wait(self) -> torch.Tensor:
-        return self.result
 
 
 class _Agreement:

@@ -37,7 +37,7 @@ from avgfn._algorithms.outer import (
 )
 from avgfn._core.errors import NonFiniteError
 from avgfn._core.records import Record, record
-from avgfn._round.agree import agree_round
+from avgfn._round.agree import start_round
 from avgfn._round.agree import verify as verify_replicas
 from avgfn.optim._base import check_float
 from avgfn.optim._sgd import sgd
@@ -118,7 +118,7 @@ def weighted_mean(
     # Before the weights move the replicas agree on the leaves and the step (not while
     # torch.compile traces: the check is host-side, and skipped there, see docs/round.md).
     if rnd.agree and not torch.compiler.is_compiling():
-        agree_round(list(tensors), reduce, step, names, None)
+        start_round(list(tensors), reduce, step, names, None).wait()
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
     info = torch.stack([torch.where(bad, torch.zeros_like(weight), weight), bad.to(torch.float64)])
@@ -310,7 +310,7 @@ def weighted(
         leaves, spec, chosen = selected(params, where)
         if not chosen:
             if rnd.agree:  # the peers must learn that this replica averages nothing
-                agree_round([], reduce, step, lambda: [], None)
+                start_round([], reduce, step, lambda: [], None).wait()
             return params, state.replace(rounds=state.rounds + 1)
         local = tuple(leaves[i] for i in chosen)
         w = _weight_value(weight, params, step, state.rounds.device)

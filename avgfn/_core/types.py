@@ -153,7 +153,9 @@ class GroupReduce(Protocol):
         ...
 
 
-class _Done:
+class Done:
+    """A [`Pending`][avgfn.Pending] whose result is already there (or waits where it is first read)."""
+
     __slots__ = ("result",)
 
     def __init__(self, result: torch.Tensor) -> None:
@@ -188,7 +190,7 @@ def divisor(reduce: Reduce) -> int:
 def start_sum(reduce: Reduce, tensor: torch.Tensor) -> Pending:
     """Begin the sum of ``tensor`` pre-divided by `divisor()` (a plain Reduce: its mean)."""
     group = group_of(reduce)
-    return _Done(reduce(tensor)) if group is None else group.start_sum(tensor)
+    return Done(reduce(tensor)) if group is None else group.start_sum(tensor)
 
 
 def start(reduce: Reduce, tensor: torch.Tensor) -> Pending:
@@ -198,7 +200,7 @@ def start(reduce: Reduce, tensor: torch.Tensor) -> Pending:
         return group.start(tensor)
     if isinstance(reduce, AsyncReduce):  # asynchronous without the rest of a group's capabilities
         return reduce.start(tensor)
-    return _Done(reduce(tensor))
+    return Done(reduce(tensor))
 
 
 def agree(reduce: Reduce, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> None:

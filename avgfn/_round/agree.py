@@ -11,7 +11,7 @@ compare against, and skip them.
   the outer-step averagers run the structure check there and the values
   check on their global copy at their first round (a resume builds its
   template from mid-period params, whose values differ between replicas).
-* At every round (`agree_round()`, on by default: ``Round(agree=False)``
+* At every round (`start_round()`, then ``wait()``, on by default: ``Round(agree=False)``
   turns it off; skipped under ``vmap`` and while ``torch.compile`` traces,
   where a host-side digest cannot run), the replicas compare the paths, shapes and dtypes of the
   leaves they are about to average, and the step. A replica whose ``where``
@@ -155,15 +155,3 @@ def start_round(
         return head + ([("<refused>", refused)] if refused else []) + described
 
     return _types.start_agree(reduce, digest, entries)
-
-
-def agree_round(
-    leaves: list[torch.Tensor],
-    reduce: Reduce,
-    step: Optional[int],
-    names: Callable[[], list[str]],
-    key: Any,
-    wire: str = "",
-) -> None:
-    """Every replica raises unless all average the same leaves at the same ``step``."""
-    start_round(leaves, reduce, step, names, key, wire).wait()

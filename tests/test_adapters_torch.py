@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 from typing import Any
 
 import pytest
@@ -315,7 +316,8 @@ def test_a_step_before_any_backward_averages_nothing_and_buffers_follow_their_po
     weight, mean = net[0].weight.detach().clone(), net[1].running_mean.clone()
     reduce = testing.RecordingReduce(lambda t: t * 0)
     avg = avgfn.ModuleAverager(net, avgfn.periodic(2, reduce=reduce), buffers="average")
-    assert avg.step(0) is True
+    with pytest.warns(UserWarning, match="no parameter has a gradient"):
+        assert avg.step(0) is True
     assert torch.equal(net[0].weight, weight)            # no gradient: left out, as torch does
     assert torch.equal(net[1].running_mean, mean * 0)    # buffers are not params: averaged
     assert reduce.inputs[0].numel() == 4                 # running_mean and running_var
@@ -443,3 +445,61 @@ def test_after_a_failure_the_params_hold_the_inner_step_and_a_checkpoint_is_refu
     opt.load_state_dict(saved)  # giving up: a checkpoint clears the pending averaging
     assert opt.iteration == 0
     opt.state_dict()
+
+
+def _retry_after_zero_grad_run(fail_at: int, scaler: bool):
+    """The loop a user writes around a flaky group: retry, zero_grad, scaler.update in a finally."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)  # a frozen param: left out by torch's filter
+    opt = avgfn.AveragingOptimizer(
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9),
+        avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=_FailOnce(fail_at), warmup_steps=1)),
+    )
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0) if scaler else None
+    kwargs = {} if grad_scaler is None else {"scaler": grad_scaler}
+    failures = 0
+    for step in range(7):
+        g = torch.Generator().manual_seed(step)
+        opt.zero_grad()
+        loss = model(torch.randn(8, 3, generator=g)).pow(2).mean()
+        (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
+        while True:
+            try:
+                opt.step(**kwargs)
+                break
+            except avgfn.PeerError:
+                failures += 1
+                opt.zero_grad()  # the gradients are gone before the retry
+            finally:
+                if grad_scaler is not None:
+                    grad_scaler.update()
+    return model, opt, failures
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad-scaler"])
+def test_a_retry_after_zero_grad_still_averages_what_the_failed_step_selected(scaler):
+    # before: the retry re-read .grad (all None after zero_grad), averaged nothing and counted
+    # the round; with a scaler, the update() after the retry raised "No inf checks were recorded"
+    clean_model, clean_opt, none = _retry_after_zero_grad_run(0, scaler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the retry does not warn about missing gradients
+        model, opt, failures = _retry_after_zero_grad_run(2, scaler)
+    assert none == 0 and failures == 1
+    assert int(opt.averager.state.rounds) == int(clean_opt.averager.state.rounds) == 3
+    for p, q in zip(model.parameters(), clean_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_module_averager_stepped_after_zero_grad_warns_once():
+    model = _frozen()
+    reduce = testing.RecordingReduce(lambda t: t * 0)
+    avg = avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=reduce))
+    _backward(model)
+    model.zero_grad()  # set_to_none: no parameter has a gradient any more
+    with pytest.warns(UserWarning, match=r"no parameter has a gradient.*zero_grad\(\) called before step\(\)"):
+        avg.step(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        avg.step(2)  # once per averager
+        avgfn.ModuleAverager(model, avgfn.periodic(2, reduce=reduce), params="all").step(0)

@@ -153,6 +153,10 @@ def _world(rank: int, world_size: int, folder: str) -> dict[str, Any]:
     for policy in ("raise", "skip", "exclude"):
         for donate in (False, True):
             found[("nan", policy, donate)] = _nan_in_one_shard(mesh, replica, comm, policy, donate)
+    for name in ("ema", "swa"):
+        for policy in ("skip", "raise"):
+            found[("temporal nan", name, policy)] = _temporal_nan_in_one_shard(mesh, replica, name, policy)
+    found["global device"] = _global_device_of_dtensors(mesh, replica)
     for name in DCP_AVERAGERS:
         try:
             found[("dcp", name)] = _dcp_resume(name, replica, comm, mesh, f"{folder}/{name}")
@@ -264,6 +268,40 @@ def _nan_in_one_shard(mesh: Any, replica: int, comm: tc.Comm, policy: str, donat
     return ("kept " if kept else "") + ("healthy" if healthy else "") or "mixed"
 
 
+def _temporal_nan_in_one_shard(mesh: Any, replica: int, name: str, policy: str) -> str:
+    """EMA/SWA over sharded params, a NaN in replica 0's first shard only at step 1.
+
+    Both ranks of replica 0 must take the same decision (skip, or raise), so
+    that their average's shards keep one count; replica 1 goes on.
+    """
+    make = {"ema": lambda: avgfn.ema(0.5, nonfinite=policy), "swa": lambda: avgfn.swa(nonfinite=policy)}[name]
+    avg = make()
+    params = _shard(tc.initial_params(replica), mesh, False)
+    state = avg.init(params)
+    outcome = []
+    for step in range(3):
+        plain = {k: v + step for k, v in tc.initial_params(replica).items()}
+        if step == 1 and replica == 0:
+            plain["w1"][0, 0] = float("nan")
+        params = _shard(plain, mesh, False)
+        try:
+            params, state = avg.update(params, state, step)
+        except avgfn.NonFiniteError as error:
+            outcome.append("raised " + ("here" if error.paths else "elsewhere"))
+            continue
+        outcome.append(int(state.count))
+    return " ".join(map(str, outcome))
+
+
+def _global_device_of_dtensors(mesh: Any, replica: int) -> str:
+    params = _shard(tc.initial_params(replica), mesh, False)
+    try:
+        avgfn.diloco(2, reduce=lambda t: t, global_device="meta", round=avgfn.Round(verify=None)).init(params)
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+
 def _wrong_group(mesh: Any, replica: int) -> str:
     """A Reduce over the shard dimension: the ranks hold other pieces, and every one raises."""
     params = _shard(tc.initial_params(replica), mesh, False)
@@ -335,3 +373,18 @@ def test_a_nan_in_one_shard_is_decided_alike_on_every_shard(world, policy, donat
         "exclude": ["healthy", "healthy", "kept healthy", "kept healthy"],
     }[policy]
     assert [world[rank][("nan", policy, donate)] for rank in range(WORLD)] == want
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+@pytest.mark.parametrize("name", ["ema", "swa"])
+def test_ema_and_swa_judge_a_replica_on_all_its_shards(world, name, policy):
+    # before, rank 1 (replica 0's clean shard) counted step 1 while rank 0 skipped or raised
+    got = [world[rank][("temporal nan", name, policy)] for rank in range(WORLD)]
+    replica0 = {"skip": ["1 1 2"] * 2, "raise": ["1 raised here 2", "1 raised elsewhere 2"]}[policy]
+    assert got == replica0 + ["1 2 3"] * 2, got
+
+
+def test_dtensor_params_refuse_a_global_copy_off_their_mesh(world):
+    for rank in range(WORLD):
+        message = world[rank]["global device"]
+        assert "global_device='meta'" in message and "pass global_device=None" in message, message

@@ -40,8 +40,12 @@ class AveragingOptimizer(torch.optim.Optimizer):
     averager's state and `iteration` are those from before the call: the
     averaging of that iteration is owed. The next `step()` re-attempts only
     it (it neither steps the inner optimizer, nor calls ``closure`` or
-    ``scaler``, nor reads the gradients), then advances `iteration`, so a
-    retry that succeeds ends where a run without the failure ends. While an
+    ``scaler``, nor reads the gradients: the parameters left out are those
+    of the failed call, even after a ``zero_grad()``), then advances
+    `iteration`, so a retry that succeeds ends where a run without the
+    failure ends. With ``scaler=``, a retry hands the scaler back the inf
+    checks of the inner step it applied, so a ``scaler.update()`` after
+    it (say, in a ``finally``) works as after any step. While an
     averaging is owed, `state_dict()` raises ``RuntimeError`` (a run resumed
     from it would apply that inner step twice); a `load_state_dict()` of an
     earlier checkpoint drops it.
@@ -124,8 +128,9 @@ class AveragingOptimizer(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.iteration = 0
-        # (what the inner step returned,) while the averaging of `iteration` is owed
-        self._owed: Optional[tuple[Any]] = None
+        # (what the inner step returned, the tensors its averaging leaves out, the
+        # scaler's inf checks of it) while the averaging of `iteration` is owed
+        self._owed: Optional[tuple[Any, Optional[list[torch.Tensor]], Any]] = None
 
     @property
     def state(self) -> Any:  # type: ignore[override]
@@ -160,14 +165,18 @@ class AveragingOptimizer(torch.optim.Optimizer):
         """
         if scaler is not None and closure is not None:
             raise ValueError("step: a closure cannot be combined with scaler=")
-        if self._owed is not None:
-            loss = self._owed[0]  # the inner step of this iteration is already applied
-        elif scaler is None:
-            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        if self._owed is not None:  # the inner step of this iteration is already applied
+            loss, left_out, inf_checks = self._owed
+            if scaler is not None:
+                _restore_inf_checks(scaler, self.optimizer, inf_checks)
         else:
-            loss = scaler.step(self.optimizer)
-        self._owed = (loss,)
-        self.averager.step(self.iteration)
+            if scaler is None:
+                loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            else:
+                loss = scaler.step(self.optimizer)
+            left_out = self.averager.left_out_at(self.iteration)
+            self._owed = (loss, left_out, _inf_checks(scaler, self.optimizer))
+        self.averager.step(self.iteration, left_out=left_out)
         self._owed = None
         self.iteration += 1
         return loss
@@ -243,3 +252,27 @@ class AveragingOptimizer(torch.optim.Optimizer):
         self.averager.state = averager_state
         self.iteration = iteration
         self._owed = None
+
+
+def _inf_checks(scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """A copy of what ``scaler.step(optimizer)`` recorded (``None`` without a scaler).
+
+    torch's ``GradScaler.update()`` refuses to run without the inf checks of
+    a step; a retry that does not step again hands these back. Read from the
+    scaler's per-optimizer record, a private attribute of
+    ``torch.amp.GradScaler``; another scaler gets nothing back.
+    """
+    record = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(record, dict) or id(optimizer) not in record:
+        return None
+    return dict(record[id(optimizer)])
+
+
+def _restore_inf_checks(scaler: Any, optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Give ``scaler`` back the inf checks of the retried step, unless it still holds them."""
+    record = getattr(scaler, "_per_optimizer_states", None)
+    if saved is None or not isinstance(record, dict):
+        return
+    if record.get(id(optimizer), {}).get("found_inf_per_device"):
+        return  # no update() since the failed call: the checks are still there
+    record[id(optimizer)] = dict(saved)

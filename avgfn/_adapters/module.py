@@ -9,6 +9,7 @@ holder of a reference to those tensors sees them.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ContextManager, Literal, Optional, cast
 
@@ -77,26 +78,61 @@ class LiveAverager:
             lambda: [t for t in _tree.tree_leaves(tensors()) if isinstance(t, torch.Tensor)]
         )
         self._name = name
+        self._warned = False
         self.averager = averager
         with self._leaving_out(at_init=True):
             self.state = averager.init(tensors())
 
-    def _leaving_out(self, at_init: bool) -> ContextManager[None]:
+    def _leaving_out(self, at_init: bool, left_out: Optional[list[torch.Tensor]] = None) -> ContextManager[None]:
         """The block in which the averager's selections honour ``params``.
 
         ``"with_grad"`` leaves out, at a step, the parameters without a
         gradient (torch's filter) and, at ``init``, those that require none
         (before the first backward pass no parameter has one; an averager
         that keeps a copy of what it averages, as DiLoCo does, copies the
-        trainable ones).
+        trainable ones). ``left_out`` replaces what a step would read now.
+        """
+        if left_out is None:
+            left_out = self.left_out_now(at_init)
+        return contextlib.nullcontext() if left_out is None else _select.left_out(left_out)
+
+    def left_out_now(self, at_init: bool = False) -> Optional[list[torch.Tensor]]:
+        """The tensors that ``params`` leaves out of a round taken now (``None``: nothing).
+
+        With ``"with_grad"``, the parameters whose ``.grad`` is ``None`` (at
+        ``init``: those with ``requires_grad=False``). Read it before
+        ``zero_grad()`` to replay a step later with `step()`'s ``left_out``.
         """
         if self.params == "all":
-            return contextlib.nullcontext()
+            return None
         if at_init:
-            return _select.left_out([t for t in self._parameters() if not t.requires_grad])
-        return _select.left_out([t for t in self._parameters() if t.grad is None])
+            return [t for t in self._parameters() if not t.requires_grad]
+        return [t for t in self._parameters() if t.grad is None]
 
-    def step(self, step: int) -> bool:
+    def left_out_at(self, step: int) -> Optional[list[torch.Tensor]]:
+        """`left_out_now()` for a round at ``step``; warns once if no trainable parameter has a gradient."""
+        left_out = self.left_out_now()
+        if left_out is not None:
+            self._warn_if_nothing_has_a_grad(left_out, step)
+        return left_out
+
+    def _warn_if_nothing_has_a_grad(self, left_out: list[torch.Tensor], step: int) -> None:
+        if self._warned or not left_out:
+            return
+        out = {id(t) for t in left_out}
+        trainable = [t for t in self._parameters() if t.requires_grad]
+        if trainable and all(id(t) in out for t in trainable):
+            self._warned = True
+            warnings.warn(
+                f"{type(self).__name__}(params='with_grad') at step {step}: no parameter has a "
+                "gradient, so torch's filter leaves every parameter out of the averaging (was "
+                "zero_grad() called before step()?). Call step() after the backward pass and "
+                "the optimizer step, before zero_grad(); or pass params='all'",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def step(self, step: int, *, left_out: Optional[list[torch.Tensor]] = None) -> bool:
         """Average the live tensors if averaging is due at ``step``; write them in place.
 
         The averaging itself is the pure ``averager.update``; only if it
@@ -105,10 +141,15 @@ class LiveAverager:
         the optimizer's included, sees the new values and keeps its storage).
         If the Reduce raises, nothing is written and the state is unchanged.
         With ``params="with_grad"``, the parameters whose ``.grad`` is
-        ``None`` are left out of the round, as torch's averagers leave them.
+        ``None`` are left out of the round, as torch's averagers leave them;
+        when no trainable parameter has a gradient (``zero_grad()`` before
+        ``step()``), it warns once.
 
         Args:
           step: the 0-based training iteration.
+          left_out: the tensors to leave out instead of what ``params`` reads
+            now (a list that `left_out_now()` returned earlier: a retry of a
+            failed step after ``zero_grad()`` keeps that step's selection).
 
         Returns:
           Whether a round averaged the live tensors at this step, a round
@@ -117,7 +158,9 @@ class LiveAverager:
         """
         step = check_step(step)
         tree = self._tensors()
-        with torch.no_grad(), self._leaving_out(at_init=False):
+        if left_out is None:
+            left_out = self.left_out_at(step)
+        with torch.no_grad(), self._leaving_out(at_init=False, left_out=left_out):
             new_tree, new_state = self.averager.update(tree, self.state, step)
             changed = False
             if new_tree is not tree:

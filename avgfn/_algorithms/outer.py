@@ -141,16 +141,30 @@ def snapshot(leaves: Sequence[torch.Tensor], device: Optional[torch.device] = No
 
     A copy kept on the CPU of an accelerator's leaf is pinned (page-locked),
     so that the copies to and from the accelerator at each round are fast.
+    A DTensor leaf stays on its mesh's devices: another ``device`` is refused.
     """
     if device is None:
         return tuple(leaf.detach().to(master_dtype(leaf.dtype), copy=True) for leaf in leaves)
     out = []
     for leaf in leaves:
+        if _sharded.is_dtensor(leaf):
+            if not _same_device(leaf.device, device):
+                raise ValueError(
+                    f"global_device={str(device)!r}: the params are DTensors on {leaf.device.type} "
+                    "meshes, and their global copy is sharded like them, on the mesh's devices; "
+                    "pass global_device=None"
+                )
+            out.append(leaf.detach().to(master_dtype(leaf.dtype), copy=True))
+            continue
         copy = leaf.detach().to(device=device, dtype=master_dtype(leaf.dtype), copy=True)
         if device.type == "cpu" and leaf.device.type != "cpu" and torch.cuda.is_available():
             copy = copy.pin_memory()
         out.append(copy)
     return tuple(out)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def check_global_device(value: Any) -> Optional[torch.device]:
@@ -364,8 +378,8 @@ def outer_apply(
             ).at_step(step),
         )
     ok = all_finite(averaged + stepped)
-    if valid is not None:
-        ok = ok & valid
+    if valid is not None:  # decided where the pseudo-gradients are, the params' device
+        ok = ok & valid.to(ok.device)
     stepped = tuple(torch.where(ok, s, g) for s, g in zip(stepped, globals_))
     new_state = where_tree(ok, new_state, outer_state)
     return stepped, new_state, ok
@@ -522,7 +536,7 @@ def outer_averager(
             state.global_params, state.outer, local, mean=mean, outer=outer, nonfinite=nonfinite,
             who=who, params=params, step=step, names=_tree.lazy_paths(params, chosen),
         )  # fmt: skip
-        skipped = state.skipped + (~ok).to(state.skipped.dtype)
+        skipped = state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype)
         new_params = write_back(leaves, spec, chosen, new_globals)
         return new_params, DiLoCoState(state.rounds + 1, skipped, new_globals, new_outer)
 

@@ -9,6 +9,7 @@ import torch
 from avgfn._algorithms.outer import (
     NOTHING_IN_FLIGHT,
     at_step,
+    check_global_device,
     check_match,
     counter,
     held_for,
@@ -76,6 +77,7 @@ def overlapped_diloco(
     outer_optimizer: Optional[Optimizer] = None,
     where: _select.Where = None,
     round: Optional[Round] = None,
+    global_device: Any = None,
 ) -> Averager:
     """DiLoCo whose outer step is applied one round late (Kale et al., 2025).
 
@@ -128,6 +130,10 @@ def overlapped_diloco(
         pseudo-gradients, as in [`avgfn.diloco()`][avgfn.diloco]. With
         ``nonfinite="raise"`` the mean is checked where it is read, at the
         next sync step (with ``eager=True`` the own share at once).
+      global_device: where the global copy and the outer state live, as in
+        [`avgfn.diloco()`][avgfn.diloco] (``None``: the params' device); the
+        pseudo-gradients and the mean in flight (``state.pending``,
+        ``state.own``) stay on the params' device.
 
     Returns:
       An [`avgfn.Averager`][avgfn.Averager] whose state is an [`OverlappedDiLoCoState`][avgfn.OverlappedDiLoCoState].
@@ -137,7 +143,8 @@ def overlapped_diloco(
         plain Reduce and no ``num_replicas``; from ``update``, a state whose
         average was started at this sync step or a later one.
       TypeError: a non-integer ``period`` or ``num_replicas``, a non-bool
-        ``eager``, a non-callable ``reduce``.
+        ``eager``, a non-callable ``reduce``, a ``global_device`` that names
+        no device.
       NonFiniteError: from ``update``, with ``nonfinite="raise"``.
 
     Examples:
@@ -169,8 +176,9 @@ def overlapped_diloco(
                 )
             num_replicas = group.size
         replicas = check_int("num_replicas", num_replicas, minimum=1)
+    device = check_global_device(global_device)
     outer, rnd = outer_options("overlapped_diloco", outer_optimizer, where, round, {})
-    return _Overlapped(period, reduce, eager, replicas, outer, rnd, where).averager()
+    return _Overlapped(period, reduce, eager, replicas, outer, rnd, where, device).averager()
 
 
 class _Overlapped:
@@ -179,10 +187,11 @@ class _Overlapped:
     who = "overlapped_diloco"
 
     def __init__(
-        self, period: int, reduce: Reduce, eager: bool, replicas: int, outer: Optimizer, rnd: Round, where: Any
-    ) -> None:
+        self, period: int, reduce: Reduce, eager: bool, replicas: int, outer: Optimizer, rnd: Round, where: Any,
+        device: Optional[torch.device] = None,
+    ) -> None:  # fmt: skip
         self.period, self.reduce, self.eager, self.replicas = period, reduce, eager, replicas
-        self.outer, self.rnd, self.where = outer, rnd, where
+        self.outer, self.rnd, self.where, self.device = outer, rnd, where, device
         self.mean = plain_mean(reduce, rnd)
 
     def averager(self) -> Averager:
@@ -192,10 +201,16 @@ class _Overlapped:
         verify_selected(params, self.where, self.reduce, self.rnd.verify, self.who)
         leaves, _, chosen = selected(params, self.where)
         local = [leaves[i] for i in chosen]
-        globals_ = snapshot(local)
+        globals_ = snapshot(local, self.device)
         zero = counter(local)
-        pending = tuple(torch.zeros_like(g) for g in globals_)
-        own = tuple(torch.zeros_like(g) for g in globals_) if self.eager else None
+
+        def zeros() -> tuple[torch.Tensor, ...]:  # in the global dtype, on the params' device
+            if self.device is None:
+                return tuple(torch.zeros_like(g) for g in globals_)
+            return tuple(torch.zeros_like(g, device=x.device) for g, x in zip(globals_, local))
+
+        pending = zeros()
+        own = zeros() if self.eager else None
         in_flight = torch.full((1,), NOTHING_IN_FLIGHT, dtype=torch.int64, device=zero.device)
         return OverlappedDiLoCoState(
             zero, zero.clone(), globals_, self.outer.init(globals_), pending, own, in_flight
@@ -242,7 +257,7 @@ class _Overlapped:
         )  # fmt: skip
         new_state = OverlappedDiLoCoState(
             state.rounds + 1,
-            state.skipped + (~ok).to(state.skipped.dtype),
+            state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype),
             new_globals,
             new_outer,
             tuple(a.to(g.dtype) for a, g in zip(started_mean, new_globals)),

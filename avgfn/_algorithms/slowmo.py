@@ -17,6 +17,7 @@ from avgfn._core.checks import check_int, check_params, check_reduce, check_stat
 from avgfn._algorithms.outer import (
     all_finite,
     at_step,
+    check_global_device,
     verify_first_round,
     verify_selected,
     check_match,
@@ -76,7 +77,7 @@ def _slow_step(
     """fairscale's slow momentum step on the averaged params; ``ok`` False when not finite."""
     new_globals, new_momentum = [], []
     for x0, u, x in zip(state.global_params, state.momentum, averaged):
-        x = x.to(x0.dtype)
+        x = x.to(device=x0.device, dtype=x0.dtype)
         # fairscale: gmb.mul_(beta).sub_(p, alpha=1/lr).add_(old, alpha=1/lr)
         u = torch.add(torch.sub(torch.mul(u, beta), x, alpha=1 / lr_t), x0, alpha=1 / lr_t)
         # fairscale: old.add_(gmb, alpha=-lr * slowmo_lr)
@@ -105,6 +106,7 @@ def slowmo(
     base_period: Optional[int] = None,
     where: _select.Where = None,
     round: Optional[Round] = None,
+    global_device: Any = None,
     **deprecated: Any,
 ) -> Averager:
     """SlowMo (Wang et al., 2020), with local SGD as the base algorithm.
@@ -149,6 +151,9 @@ def slowmo(
         base rounds and the slow step; ``verify`` defaults to ``"values"``:
         the global copies, the slow params ``x0``, are compared before the
         first round of either kind, the structure at ``init``).
+      global_device: where the slow params ``x0`` and the slow momentum live,
+        as in [`avgfn.diloco()`][avgfn.diloco] (``None``: the params' device): the
+        params are averaged on their device, the slow step runs where ``x0`` is.
       **deprecated: the round options as keywords, their spelling before
         [`avgfn.Round`][avgfn.Round]; they warn.
 
@@ -158,7 +163,8 @@ def slowmo(
     Raises:
       ValueError: ``period < 1``, ``base_period < 1``, a negative
         ``momentum``/``slow_lr``, an ``lr <= 0``, an unknown ``nonfinite``.
-      TypeError: an argument of the wrong type.
+      TypeError: an argument of the wrong type, a ``global_device`` that
+        names no device.
 
     Examples:
       >>> import torch, avgfn
@@ -178,6 +184,7 @@ def slowmo(
     if base_period is not None:
         base_period = check_int("base_period", base_period, minimum=1)
     _select.check_where(where)
+    device = check_global_device(global_device)
     rnd = round_options(
         "slowmo", round, deprecated, nonfinite=OUTER_NONFINITE, verify="values", allowed=OUTER_ROUND
     )
@@ -190,7 +197,7 @@ def slowmo(
         verify_selected(params, where, reduce, verify, "slowmo")
         leaves, _, chosen = selected(params, where)
         local = [leaves[i] for i in chosen]
-        globals_ = snapshot(local)
+        globals_ = snapshot(local, device)
         return SlowMoState(
             counter(local, (2,)),
             counter(local),
@@ -226,7 +233,7 @@ def slowmo(
         globals_ = tuple(torch.where(ok, n, o) for n, o in zip(new_globals, state.global_params))
         momentum_ = tuple(torch.where(ok, n, o) for n, o in zip(new_momentum, state.momentum))
         new_params = write_back(leaves, spec, chosen, globals_)
-        skipped = state.skipped + (~ok).to(state.skipped.dtype)
+        skipped = state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype)
         return new_params, SlowMoState(rounds + slow_bump.to(rounds.device), skipped, globals_, momentum_)
 
     return Averager(init=init, update=update)

@@ -15,6 +15,7 @@ from avgfn._core.types import Averager, Params, Reduce
 from avgfn._core.checks import check_int, check_params, check_reduce, check_state, check_step
 from avgfn._algorithms.outer import (
     at_step,
+    check_global_device,
     verify_first_round,
     verify_selected,
     check_match,
@@ -111,6 +112,7 @@ def streaming_diloco(
     fragment_of: Any = None,
     where: _select.Where = None,
     round: Optional[Round] = None,
+    global_device: Any = None,
     **deprecated: Any,
 ) -> Averager:
     """Streaming DiLoCo (Douillard et al., 2025): fragments synced in turn.
@@ -163,6 +165,11 @@ def streaming_diloco(
         ``"exclude"``, per fragment round; ``verify`` defaults to ``"values"``:
         the global copies are compared before the first fragment's
         pseudo-gradient is averaged, the structure at ``init``).
+      global_device: where the global copy and the fragments' outer states
+        live, as in [`avgfn.diloco()`][avgfn.diloco] (``None``: the params' device).
+        The pseudo-gradients are formed, averaged and held in flight
+        (``state.pending``) on the params' device; each fragment's outer step
+        and mixing run where the copy is.
       **deprecated: the round options as keywords, their spelling before
         [`avgfn.Round`][avgfn.Round]; they warn.
 
@@ -174,7 +181,8 @@ def streaming_diloco(
         ``period``, ``delay`` outside ``[0, period / num_fragments)``,
         ``alpha`` outside ``[0, 1]``; at ``init``, fewer selected leaves than
         fragments, or a bad ``fragment_of``.
-      TypeError: an argument of the wrong type.
+      TypeError: an argument of the wrong type, a ``global_device`` that
+        names no device.
 
     Examples:
       >>> import torch, avgfn
@@ -196,12 +204,13 @@ def streaming_diloco(
     check_reduce("reduce", reduce)
     num_fragments = check_int("num_fragments", num_fragments, minimum=1)
     h, delay, alpha = _check_schedule(period, num_fragments, delay, alpha)
+    device = check_global_device(global_device)
     outer, rnd = outer_options("streaming_diloco", outer_optimizer, where, round, deprecated)
     if fragment_of is not None:
         for value in _tree.tree_leaves(fragment_of):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"fragment_of must be a pytree of ints, it holds {value!r}")
-    streaming = _Streaming(reduce, num_fragments, h, delay, alpha, outer, rnd, fragment_of, where)
+    streaming = _Streaming(reduce, num_fragments, h, delay, alpha, outer, rnd, fragment_of, where, device)
     return Averager(init=streaming.init, update=streaming.update)
 
 
@@ -232,10 +241,11 @@ class _Streaming:
 
     def __init__(
         self, reduce: Reduce, num_fragments: int, h: int, delay: int, alpha: float,
-        outer: Optimizer, rnd: Round, fragment_of: Any, where: Any,
+        outer: Optimizer, rnd: Round, fragment_of: Any, where: Any, device: Optional[torch.device] = None,
     ) -> None:  # fmt: skip
         self.reduce, self.num_fragments, self.h, self.delay, self.alpha = reduce, num_fragments, h, delay, alpha
         self.outer, self.rnd, self.fragment_of, self.where = outer, rnd, fragment_of, where
+        self.device = device
         self.mean = plain_mean(reduce, rnd)
 
     def fragments(self, params: Params, leaves: list[Any], spec: Any, chosen: list[int]) -> list[list[int]]:
@@ -275,16 +285,16 @@ class _Streaming:
         leaves, spec, chosen = selected(params, self.where)
         groups = self.fragments(params, leaves, spec, chosen)
         local = [leaves[i] for i in chosen]
-        globals_ = snapshot(local)
+        globals_ = snapshot(local, self.device)
         outers = tuple(self.outer.init(tuple(globals_[j] for j in g)) for g in groups)
         pending = in_flight = None
-        if self.delay > 0:
+        if self.delay > 0:  # on the params' device, where the pseudo-gradients are averaged
             dtype = globals_[0].dtype
             for g in globals_[1:]:
                 dtype = torch.promote_types(dtype, g.dtype)
             size = max(sum(globals_[j].numel() for j in g) for g in groups)
-            pending = torch.zeros(size, dtype=dtype, device=globals_[0].device)
-            in_flight = _NOTHING_IN_FLIGHT.to(globals_[0].device)
+            pending = torch.zeros(size, dtype=dtype, device=local[0].device)
+            in_flight = _NOTHING_IN_FLIGHT.to(local[0].device)
         return StreamingDiLoCoState(
             counter(local, (self.num_fragments,)), counter(local), globals_, outers, pending, in_flight
         )
@@ -428,14 +438,14 @@ class _Streaming:
             new_globals[j] = value
             i = chosen[j]
             if self.alpha:
-                mixed = torch.lerp(value, leaves[i].detach().to(value.dtype), self.alpha)
+                mixed = torch.lerp(value, leaves[i].detach().to(device=value.device, dtype=value.dtype), self.alpha)
                 value = torch.where(ok, mixed, value)
             new_leaves[i] = to_local(value, leaves[i])
         outers = list(state.outer)
         outers[k] = new_outer
         bump = torch.arange(self.num_fragments, device=state.rounds.device) == k
         new_state = StreamingDiLoCoState(
-            state.rounds + bump, state.skipped + (~ok).to(state.skipped.dtype),
+            state.rounds + bump, state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype),
             tuple(new_globals), tuple(outers), state.pending,
             None if state.in_flight is None else torch.full_like(state.in_flight, -1),  # consumed
         )  # fmt: skip

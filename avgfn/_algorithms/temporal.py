@@ -16,6 +16,7 @@ import torch
 
 from avgfn._core.traced import traced, zeros_like_batch
 from avgfn._round.health import finite
+from avgfn._round import sharded as _sharded
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core.types import Averager, Params
@@ -72,6 +73,8 @@ def _health_check(
     ok = finite([leaf.detach() for leaf in chosen_leaves])
     if traced(chosen_leaves[0]):  # under vmap or compile: a replica that is not finite keeps its average
         return count + ok.to(count.dtype), ok
+    # DTensor leaves: each rank sees its shards; the verdict is the replica's, the same on every shard
+    ok = _sharded.everywhere(ok, chosen_leaves)
     if bool(ok):
         return count + 1, None
     if nonfinite == "skip":
@@ -81,8 +84,9 @@ def _health_check(
         for i, (leaf, chosen) in enumerate(zip(leaves, mask))
         if chosen and not bool(finite([leaf.detach()]))
     ]
+    at = f"at {', '.join(paths)}" if paths else "in a shard that another rank of this replica holds"
     raise NonFiniteError(
-        f"{name}: the params hold non-finite values at {', '.join(paths)}; the "
+        f"{name}: the params hold non-finite values {at}; the "
         f"average was not updated (nonfinite={nonfinite!r})",
         paths=tuple(paths),
     ).at_step(step)

@@ -31,6 +31,7 @@ from avgfn._algorithms.outer import (
     at_step,
     counter,
     eager_check,
+    check_global_device,
     outer_averager,
     outer_options,
     selected,
@@ -378,6 +379,7 @@ def fedavgm(
     where: _select.Where = None,
     invalid_weights: str = "raise",
     round: Optional[Round] = None,
+    global_device: Any = None,
     **deprecated: Any,
 ) -> Averager:
     """FedAvgM (Hsu et al., 2019): FedAvg with server learning rate and momentum.
@@ -404,6 +406,9 @@ def fedavgm(
         weights removed too; ``verify`` defaults to ``"values"``: the clients
         start from the server's params, whose copies are compared at the
         first round, before anything is mixed).
+      global_device: where the server's params (the global copy) and its
+        momentum live, as in [`avgfn.diloco()`][avgfn.diloco] (``None``: the
+        params' device).
       **deprecated: the round options as keywords, their spelling before
         [`avgfn.Round`][avgfn.Round]; they warn. ``nonfinite="skip"`` there also
         skips rounds with invalid weights, as it did.
@@ -426,6 +431,7 @@ def fedavgm(
     weight = check_weight(weight)
     server_lr = check_float("server_lr", server_lr)
     server_momentum = check_float("server_momentum", server_momentum)
+    device = check_global_device(global_device)
     _select.check_where(where)
     if deprecated.get("nonfinite") == "skip" and "invalid" not in deprecated:
         invalid_weights = "skip"
@@ -442,5 +448,5 @@ def fedavgm(
 
     return outer_averager(
         "fedavgm", period, reduce=reduce, outer=outer, mean=mean, where=where,
-        nonfinite=rnd.nonfinite, verify=rnd.verify, agree=rnd.agree,
+        nonfinite=rnd.nonfinite, verify=rnd.verify, agree=rnd.agree, global_device=device,
     )  # fmt: skip

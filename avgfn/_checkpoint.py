@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from avgfn._core import tree as _tree
+from avgfn._core.types import settle
 from avgfn._round import sharded as _sharded
 
 _SCALARS = (bool, int, float)
@@ -56,17 +57,11 @@ def state_dict(state: Any) -> dict[str, Any]:
                 f"state_dict: the state leaf at {key or '<root>'} is "
                 f"{type(leaf).__name__}, not a tensor or a Python scalar"
             )
-        out[key] = _settled(leaf)
+        out[key] = settle(leaf)
     return out
 
 
-def _settled(leaf: Any) -> Any:
-    """The value of ``leaf``, waited for when it is a collective's result still in flight."""
-    if isinstance(leaf, torch.Tensor) and type(leaf) is not torch.Tensor:
-        wait = getattr(leaf, "wait", None)  # torch's AsyncCollectiveTensor
-        if callable(wait):
-            return wait()
-    return leaf
+
 
 
 def _check_leaf(key: str, template: Any, value: Any) -> Any:

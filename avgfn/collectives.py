@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as _funcol
+from avgfn._core import tree as _tree
 
 from avgfn._core.errors import PeerError, ReplicaMismatchError
 from avgfn._core.levels import group_sizes
@@ -63,7 +64,95 @@ def _seconds(timeout: Timeout) -> Optional[float]:
     return value
 
 
-__all__ = ["CommHookState", "GroupMean", "all_reduce_mean", "ddp_comm_hook", "hierarchy"]
+__all__ = ["CommHookState", "GroupMean", "MeanInFlight", "all_reduce_mean", "ddp_comm_hook", "hierarchy"]
+
+
+class MeanInFlight(torch.Tensor):
+    """The result of [`all_reduce_mean(in_flight=True)`][avgfn.collectives.all_reduce_mean]: a mean still on the wire.
+
+    A tensor with the shape, dtype and device of the mean, whose collective
+    was started but not waited for. Its first read (any op that looks at its
+    values: arithmetic, ``torch.isfinite``, ``.item()``, printing) waits for
+    the collective, at most the Reduce's ``timeout`` from that moment, and
+    raises [`avgfn.PeerError`][avgfn.PeerError] as a blocking round would; then it
+    computes on the plain result. Views of it (slicing, ``view``, ``split``)
+    are in flight too, with the same collective. Ops return plain tensors.
+    An averager may keep one in its state across steps
+    ([`avgfn.streaming_diloco()`][avgfn.streaming_diloco] with ``delay > 0``,
+    [`avgfn.overlapped_diloco()`][avgfn.overlapped_diloco]): the all-reduce then runs
+    while the replicas compute, and [`avgfn.state_dict()`][avgfn.state_dict] waits for it.
+
+    Attributes:
+      completed: whether the collective was waited for (by a read or `wait()`).
+    """
+
+    _elem: torch.Tensor
+    _wait: "_Once"
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor, wait: "_Once") -> "MeanInFlight":
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(),
+            dtype=elem.dtype, device=elem.device, layout=elem.layout, requires_grad=False,
+        )  # fmt: skip
+        out._elem = elem
+        out._wait = wait
+        return out
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @property
+    def completed(self) -> bool:
+        return self._wait.done
+
+    def wait(self) -> torch.Tensor:
+        """Wait for the collective (once); return the plain tensor that holds the mean."""
+        self._wait()
+        return self._elem
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        state = "completed" if self.completed else "in flight"
+        return f"MeanInFlight({state}, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # pickling (torch.save) waits
+        return self.wait().__reduce_ex__(protocol)
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        first = args[0] if args else None
+        if isinstance(first, MeanInFlight) and not first.completed and getattr(func, "is_view", False):
+            # a view reads nothing: it stays on the wire with the same collective
+            out = func(first._elem, *args[1:], **kwargs)
+            wait = first._wait
+            return _tree.tree_map_only(torch.Tensor, lambda t: MeanInFlight(t, wait), out)
+        args, kwargs = _tree.tree_map_only(MeanInFlight, lambda t: t.wait(), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+class _Once:
+    """Wait for a pending collective once; every later call returns at once (or raises again)."""
+
+    __slots__ = ("pending", "done", "error")
+
+    def __init__(self, pending: "_PendingMean") -> None:
+        self.pending = pending
+        self.done = False
+        self.error: Optional[BaseException] = None
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        if self.error is not None:
+            raise self.error
+        try:
+            self.pending.wait()
+        except BaseException as error:
+            self.error = error
+            raise
+        self.done = True
 
 
 class GroupMean:
@@ -83,11 +172,18 @@ class GroupMean:
       group: the process group (``None``: the default group).
       timeout: seconds a round may wait for its peers before it raises
         [`avgfn.PeerError`][avgfn.PeerError] (``None``: the group's own timeout).
+      in_flight: whether an eager call returns at once, its result a
+        [`MeanInFlight`][avgfn.collectives.MeanInFlight] that waits when first read.
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout: Timeout = None) -> None:
+    def __init__(
+        self, group: Optional[dist.ProcessGroup] = None, timeout: Timeout = None, in_flight: bool = False
+    ) -> None:
+        if not isinstance(in_flight, bool):
+            raise TypeError(f"in_flight must be a bool, got {type(in_flight).__name__} {in_flight!r}")
         self.group = group
         self.timeout = _seconds(timeout)
+        self.in_flight = in_flight
 
     def describe(self) -> str:
         """A short name of the group, for error messages."""
@@ -159,7 +255,10 @@ class GroupMean:
             work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
         except RuntimeError as error:
             raise self._failure(error, started) from error
-        return _PendingMean(self, work, tensor, started)
+        pending = _PendingMean(self, work, tensor, started)
+        if self.in_flight:
+            return Done(MeanInFlight(tensor, _Once(pending)))  # waited where first read
+        return pending
 
     def commit(self) -> bool:
         """A process group keeps every round that completes: always True."""
@@ -250,7 +349,8 @@ class GroupMean:
 
     def __repr__(self) -> str:
         timeout = "" if self.timeout is None else f", timeout={self.timeout:g}"
-        return f"all_reduce_mean(group={self.group!r}{timeout})"
+        held = ", in_flight=True" if self.in_flight else ""
+        return f"all_reduce_mean(group={self.group!r}{timeout}{held})"
 
 
 def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) -> str:
@@ -332,7 +432,9 @@ class _Agreement:
         raise self.owner._mismatch(self.entries())
 
 
-def all_reduce_mean(group: Optional[dist.ProcessGroup] = None, *, timeout: Timeout = None) -> GroupMean:
+def all_reduce_mean(
+    group: Optional[dist.ProcessGroup] = None, *, timeout: Timeout = None, in_flight: bool = False
+) -> GroupMean:
     """The Reduce of a real process group: the mean over its ranks.
 
     Args:
@@ -346,6 +448,15 @@ def all_reduce_mean(group: Optional[dist.ProcessGroup] = None, *, timeout: Timeo
         the timeout (the averagers add the step). ``None`` keeps the group's
         own timeout (gloo's default is 30 minutes). At most
         `MAX_TIMEOUT_S` seconds (``2**31 - 1`` ms).
+      in_flight: ``False`` (default): each call waits for its all-reduce and
+        returns a plain tensor. ``True``: a call returns as soon as the
+        all-reduce is started, with a [`MeanInFlight`][avgfn.collectives.MeanInFlight]
+        that waits when first read (at most ``timeout`` from then, raising
+        [`avgfn.PeerError`][avgfn.PeerError] as a blocking call would). The bits are
+        the same. This is what lets [`avgfn.streaming_diloco()`][avgfn.streaming_diloco]
+        (``delay > 0``) and [`avgfn.overlapped_diloco()`][avgfn.overlapped_diloco] keep the
+        all-reduce on the wire while the replicas compute. Under
+        ``torch.compile`` every call is in flight (torch's functional all-reduce).
 
     Returns:
       A [`GroupMean`][avgfn.collectives.GroupMean], callable as ``reduce(tensor) -> tensor``. It writes
@@ -372,7 +483,7 @@ def all_reduce_mean(group: Optional[dist.ProcessGroup] = None, *, timeout: Timeo
         or group is dist.GroupMember.NON_GROUP_MEMBER  # what new_group gives a non-member
     ):
         raise TypeError(f"group must be a ProcessGroup or None, got {group!r}")
-    return GroupMean(group, _seconds(timeout))
+    return GroupMean(group, _seconds(timeout), in_flight)
 
 
 PeriodGroupSizes = Union[Mapping[int, int], Sequence[tuple[int, int]]]

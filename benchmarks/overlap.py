@@ -2,15 +2,17 @@
 
 Usage:
     python benchmarks/overlap.py [--numel 1048576] [--compute-ms 30] [--period 8]
-                                 [--fragments 2] [--windows 10] [--json]
+                                 [--fragments 2] [--windows 10] [--reduce avgfn|functional]
+                                 [--json]
 
 Two processes on one machine form a gloo group over loopback. Each holds
 params of two equal leaves (``--numel`` float32 elements in all, one leaf per
 fragment), and runs Streaming DiLoCo (``period``, ``num_fragments``; the
-default outer step, Nesterov SGD) with a Reduce built on torch's functional
-all-reduce, whose result is a tensor that waits when first read: the fragment's
-mean is started at the start step and read ``delay`` steps later, at the apply
-step. Each step's compute is
+default outer step, Nesterov SGD) with ``avgfn.collectives.all_reduce_mean(
+in_flight=True)``, whose result is a tensor that waits when first read: the
+fragment's mean is started at the start step and read ``delay`` steps later, at
+the apply step (``--reduce functional``: torch's functional all-reduce instead,
+without avgfn's per-round agreement). Each step's compute is
 
 * **modelled**: the process sleeps ``--compute-ms`` (an accelerator computing
   while the host is idle, which is what overlap is for), or
@@ -92,9 +94,10 @@ def _schedule(rank: int, args: Any, kind: str, delay: Optional[int], matmuls: in
     params = {f"f{k}": torch.randn(half, generator=g) for k in range(args.fragments)}
     avg = None
     if delay is not None:
-        avg = avgfn.streaming_diloco(
-            args.period, reduce=FunctionalMean(WORLD), num_fragments=args.fragments, delay=delay
+        reduce = FunctionalMean(WORLD) if args.reduce == "functional" else avgfn.collectives.all_reduce_mean(
+            in_flight=True
         )
+        avg = avgfn.streaming_diloco(args.period, reduce=reduce, num_fragments=args.fragments, delay=delay)
     state = None if avg is None else avg.init(params)
     x = torch.randn(128, 128) / 128
     warm = args.period
@@ -151,6 +154,8 @@ def main() -> None:
     parser.add_argument("--period", type=int, default=8)
     parser.add_argument("--fragments", type=int, default=2)
     parser.add_argument("--windows", type=int, default=10, help="windows of period/fragments steps timed")
+    parser.add_argument("--reduce", choices=("avgfn", "functional"), default="avgfn",
+                        help="all_reduce_mean(in_flight=True), or torch's functional all-reduce")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.period % args.fragments or args.period // args.fragments < 2:
@@ -166,7 +171,7 @@ def main() -> None:
             print(json.dumps({"hidden_fraction": round(x, 3), "compute": kind}))
         return
     print(f"W={WORLD} gloo processes, {args.numel:,} float32 params in {args.fragments} fragments, "
-          f"period {args.period}, compute {args.compute_ms:g} ms per step")  # fmt: skip
+          f"period {args.period}, compute {args.compute_ms:g} ms per step, reduce {args.reduce}")  # fmt: skip
     for kind in ("modelled", "real"):
         print(f"\n{kind} compute:")
         print(f"  {'schedule':<10} {'median step (ms)':>16}")

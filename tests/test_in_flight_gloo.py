@@ -1,7 +1,9 @@
 """A mean held in flight across steps, on a real 2-process gloo group.
 
-The Reduce here is torch's functional all-reduce (its result is an
-``AsyncCollectiveTensor``, a tensor that waits when first read). Overlapped
+Two Reduces whose results wait when first read: avgfn's own
+``collectives.all_reduce_mean(in_flight=True)`` (a ``MeanInFlight``, which
+honours the Reduce's timeout and raises ``PeerError``) and torch's functional
+all-reduce (an ``AsyncCollectiveTensor``). Overlapped
 DiLoCo starts it at a sync step and reads it at the next one; these tests show,
 without timing anything, that the steps in between do not wait on it (the
 tensor in the returned state is still un-waited), that the values equal those
@@ -22,6 +24,7 @@ import torch.distributed._functional_collectives as funcol
 
 import avgfn
 from _dist import run_world
+from avgfn import collectives
 
 H = 3
 
@@ -49,7 +52,17 @@ class BlockingMean:
 
 
 def _in_flight(t: torch.Tensor) -> bool:
-    return isinstance(t, funcol.AsyncCollectiveTensor) and not t.completed
+    kinds = (funcol.AsyncCollectiveTensor, collectives.MeanInFlight)
+    return isinstance(t, kinds) and not t.completed
+
+
+HELD = ("functional", "avgfn")
+
+
+def _held(kind: str, group: Any, world: int, timeout: float = 60) -> Any:
+    if kind == "functional":
+        return FunctionalMean(dist.group.WORLD if group is None else group, world)
+    return collectives.all_reduce_mean(group, timeout=timeout, in_flight=True)
 
 
 def _params(rank: int) -> dict[str, torch.Tensor]:
@@ -77,10 +90,11 @@ def _run(rank: int, world: int, reduce: Any, eager: bool) -> dict[str, Any]:
             "settled": settled}  # fmt: skip
 
 
-def _streaming(rank: int, world: int, reduce: Any) -> dict[str, Any]:
-    # two fragments of 2048 elements, one every 4 steps, each started 2 steps before it is applied
+def _streaming(rank: int, world: int, reduce: Any, cut: int = 2048) -> dict[str, Any]:
+    # two fragments (of 2048 elements each by default), one every 4 steps, each started 2 steps
+    # before it is applied
     avg = avgfn.streaming_diloco(8, reduce=reduce, num_fragments=2, delay=2, alpha=0.5)
-    params = {"a": _params(rank)["a"][:2048], "b": _params(rank)["a"][2048:]}
+    params = {"a": _params(rank)["a"][:cut], "b": _params(rank)["a"][cut:]}
     state = avg.init(params)
     history, held = [], []
     for step in range(12):
@@ -91,17 +105,19 @@ def _streaming(rank: int, world: int, reduce: Any) -> dict[str, Any]:
 
 
 def _world(rank: int, world: int) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "streaming": {
-            "functional": _streaming(rank, world, FunctionalMean(dist.group.WORLD, world)),
-            "blocking": _streaming(rank, world, BlockingMean(world)),
-        }
+    out: dict[str, Any] = {"streaming": {"blocking": _streaming(rank, world, BlockingMean(world))}}
+    for kind in HELD:
+        out["streaming"][kind] = _streaming(rank, world, _held(kind, None, world))
+    # unequal fragments (1500 and 2596 elements): a Reduce that says its results are in flight
+    # gets the smaller one padded on the wire, so it stays in flight too
+    out["unequal"] = {
+        "avgfn": _streaming(rank, world, _held("avgfn", None, world), cut=1500),
+        "blocking": _streaming(rank, world, BlockingMean(world), cut=1500),
     }
     for eager in (True, False):
-        out[eager] = {
-            "functional": _run(rank, world, FunctionalMean(dist.group.WORLD, world), eager),
-            "blocking": _run(rank, world, BlockingMean(world), eager),
-        }
+        out[eager] = {"blocking": _run(rank, world, BlockingMean(world), eager)}
+        for kind in HELD:
+            out[eager][kind] = _run(rank, world, _held(kind, None, world), eager)
     return out
 
 
@@ -110,19 +126,21 @@ def world() -> list[dict[str, Any]]:
     return run_world(_world, 2)
 
 
+@pytest.mark.parametrize("kind", HELD)
 @pytest.mark.parametrize("eager", [True, False])
-def test_the_mean_stays_in_flight_until_the_next_sync_step_reads_it(world, eager):
+def test_the_mean_stays_in_flight_until_the_next_sync_step_reads_it(world, eager, kind):
     for rank in range(2):
-        held = world[rank][eager]["functional"]["held"]
+        held = world[rank][eager][kind]["held"]
         # started at steps 2, 5, 8: the state each later step returns still holds it un-waited,
         # up to the sync step that reads it and starts the next
         assert held == [False, False, True, True, True, True, True, True, True], (rank, held)
 
 
+@pytest.mark.parametrize("kind", HELD)
 @pytest.mark.parametrize("eager", [True, False])
-def test_a_mean_held_in_flight_gives_the_bits_of_a_blocking_one(world, eager):
+def test_a_mean_held_in_flight_gives_the_bits_of_a_blocking_one(world, eager, kind):
     for rank in range(2):
-        got, want = world[rank][eager]["functional"], world[rank][eager]["blocking"]
+        got, want = world[rank][eager][kind], world[rank][eager]["blocking"]
         for step, (a, b) in enumerate(zip(got["history"], want["history"])):
             for k in a:
                 assert torch.equal(a[k], b[k]), (rank, eager, step, k)
@@ -131,9 +149,11 @@ def test_a_mean_held_in_flight_gives_the_bits_of_a_blocking_one(world, eager):
             assert torch.equal(got["checkpoint"][k], v), k
 
 
-def test_streaming_holds_a_fragment_in_flight_for_its_delay(world):
+@pytest.mark.parametrize("kind", HELD + ("unequal",))
+def test_streaming_holds_a_fragment_in_flight_for_its_delay(world, kind):
     for rank in range(2):
-        got, want = world[rank]["streaming"]["functional"], world[rank]["streaming"]["blocking"]
+        runs = world[rank]["unequal"] if kind == "unequal" else world[rank]["streaming"]
+        got, want = runs["avgfn" if kind == "unequal" else kind], runs["blocking"]
         # fragments started at steps 1, 5, 9 and applied at 3, 7, 11: un-waited in between
         assert not got["held"][0]
         assert all(got["held"][s] for s in (1, 2, 5, 6, 9, 10)), (rank, got["held"])
@@ -142,9 +162,13 @@ def test_streaming_holds_a_fragment_in_flight_for_its_delay(world):
                 assert torch.equal(a[k], b[k]), (rank, step, k)
 
 
-def _failing_world(rank: int, world: int) -> dict[str, Any]:
+def _failing_world(rank: int, world: int, kind: str) -> dict[str, Any]:
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=3))
-    avg = avgfn.overlapped_diloco(H, reduce=FunctionalMean(group, world), num_replicas=world)
+    # No per-round agreement nor first-round check: they are collectives that the start step
+    # waits for, so a peer missing there fails the start step itself (tests/test_seams_gloo.py);
+    # here the peer is missing from the mean only, which fails where the mean is read.
+    rnd = avgfn.Round(agree=False, verify=None)
+    avg = avgfn.overlapped_diloco(H, reduce=_held(kind, group, world, timeout=3), num_replicas=world, round=rnd)
     params = _params(rank)
     state = avg.init(params)
     out: dict[str, Any] = {"started": False, "error_at": None, "unchanged": None}
@@ -172,9 +196,12 @@ def _failing_world(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-def test_a_failure_surfaces_in_the_update_that_reads_the_mean_and_changes_nothing():
-    results = run_world(_failing_world, 2)
+@pytest.mark.parametrize("kind", HELD)
+def test_a_failure_surfaces_in_the_update_that_reads_the_mean_and_changes_nothing(kind):
+    results = run_world(_failing_world, 2, kind)
     first = results[0]
     assert first["started"], first  # the start step returned with the mean in flight
     assert first["error_at"] == 2 * H - 1, first  # raised where the mean is read
     assert first["unchanged"], first
+    if kind == "avgfn":  # the Reduce's own failure: a PeerError, as from a blocking round
+        assert first["error"] == "PeerError", first

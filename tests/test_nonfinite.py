@@ -140,3 +140,20 @@ def test_an_excluded_replica_sends_none_of_its_carried_rounding_error():
     new, after = avg.update(params, state, 0)
     assert new["w"].tolist() == [3.0, 3.0, 3.0]
     assert after.residual[0].tolist() == [0.25] * 3  # kept for the next round it takes part in
+
+
+def test_the_one_pass_finiteness_test_of_the_outer_step_is_exact():
+    # a finite sum proves every element finite; a sum that overflows falls back to the elements
+    from avgfn._algorithms.outer import all_finite
+
+    big = torch.full((8,), 3e38)  # finite elements whose float32 sum overflows
+    assert bool(all_finite([big])) and bool(all_finite([big, -big]))
+    assert bool(all_finite([torch.full((4096,), 65504.0, dtype=torch.float16)]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(1000)
+        x[517] = bad
+        assert not bool(all_finite([torch.ones(3), x]))
+    pair = torch.tensor([float("inf"), -float("inf")])  # their sum is NaN, not a finite number
+    assert not bool(all_finite([pair]))
+    assert bool(all_finite([torch.arange(5), torch.empty(0)]))  # no float element to test
+    assert not bool(all_finite([torch.tensor([1 + 1j, complex("nan")])]))

@@ -129,10 +129,12 @@ def streaming_diloco(
     ``(step + 1 + tau) % h == 0``; the averaged value waits in
     ``state.pending`` while the replicas take ``tau`` more local steps. The
     Reduce is called at the start step and its result is kept as it is: a
-    Reduce whose result is a tensor that waits when first read (torch's
+    Reduce whose result is a tensor that waits when first read
+    (``avgfn.collectives.all_reduce_mean(in_flight=True)``, torch's
     functional collectives) stays in flight in the state until the apply
-    step reads it, so the all-reduce runs while the replicas compute (a
-    fragment smaller than the largest is padded, which reads it at once).
+    step reads it, so the all-reduce runs while the replicas compute (with
+    a Reduce that says so, ``in_flight=True``, a fragment smaller than the
+    largest goes on the wire padded with zeros, to stay in flight too).
 
     **Mixing** (``alpha``): when a fragment is applied its local params become
     ``(1 - alpha) * new_global + alpha * local``, the local values being those
@@ -391,15 +393,25 @@ class _Streaming:
         """Start the mean of fragment ``g``'s pseudo-gradient; return the new ``pending``.
 
         The fragment goes to the round as one flat tensor in ``pending``'s
-        dtype (a DTensor leaf as its local shard), so the Reduce's result is
-        ``pending`` itself when the fragment is the largest: a result still in
-        flight (a tensor that waits when first read, as torch's functional
-        collectives return) stays in flight in the state until the apply step
-        reads it. A smaller fragment is padded, which reads it at once.
+        dtype, so the Reduce's result is the new ``pending`` itself when the
+        fragment is the largest: a result still in flight (a tensor that
+        waits when first read) stays in flight in the state until the apply
+        step reads it. A smaller fragment is padded to ``pending``'s size:
+        after the round (which reads the result at once), or, when the
+        Reduce says its results are in flight (a true ``in_flight``
+        attribute, as ``all_reduce_mean(in_flight=True)`` has) or under
+        ``torch.compile`` (functional collectives), on the wire, with zeros
+        that average to zeros. DTensor leaves go as their local shards,
+        padded after the round (``pending`` has the full size).
         """
         pending = state.pending
         pseudo = pseudo_gradient([state.global_params[j] for j in g], [local[j] for j in g])
-        flat = torch.cat([_sharded.local(p).reshape(-1).to(pending.dtype) for p in pseudo])
+        parts = [_sharded.local(p).reshape(-1).to(pending.dtype) for p in pseudo]
+        short = pending.numel() - sum(p.numel() for p in parts)
+        held = getattr(self.reduce, "in_flight", False) is True or torch.compiler.is_compiling()
+        if short and held and not _sharded.any_dtensor(list(pseudo)):
+            parts.append(torch.zeros(short, dtype=pending.dtype, device=pending.device))
+        flat = torch.cat(parts)
         label = lambda: ["fragment of " + ", ".join(names())]  # noqa: E731
         with at_step(step):
             (averaged,), _ = self.mean((flat,), params, step, label)

@@ -165,6 +165,20 @@ class Done:
         return self.result
 
 
+def settle(tensor: Any) -> Any:
+    """The value of a Reduce result that may still be in flight, waited for; anything else as is.
+
+    A result in flight is a tensor subclass with a ``wait()`` that returns
+    the plain tensor (torch's ``AsyncCollectiveTensor``,
+    ``avgfn.collectives.MeanInFlight``); it raises what the collective raised.
+    """
+    if isinstance(tensor, torch.Tensor) and type(tensor) is not torch.Tensor:
+        wait = getattr(tensor, "wait", None)
+        if callable(wait):
+            return wait()
+    return tensor
+
+
 _GROUP_TYPES: dict[type, bool] = {}
 
 

@@ -288,6 +288,8 @@ class Buffers:
     def finish(self, bucket: list[Piece], buf: torch.Tensor, in_place: bool, pending: Pending) -> None:
         """Wait for a bucket and move its result where the leaves take it from."""
         result = check_result(pending.wait(), buf)
+        if in_place or self.donate or self.watch is not None:
+            result = check_result(_types.settle(result), buf)  # read here: wait for it now
         if self.watch is not None:
             self.watch.add(result)
         if in_place:

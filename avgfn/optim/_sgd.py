@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from avgfn._core import tree as _tree
-from avgfn._core.traced import zeros_like_batch
+from avgfn._core.traced import traced, zeros_like_batch
 from avgfn._core.types import Params
 from avgfn._core.records import Record, record
 from avgfn.optim._base import (
@@ -108,7 +108,7 @@ def _sgd_direction(
     p: torch.Tensor,
     g: torch.Tensor,
     buf: Optional[torch.Tensor],
-    first: Optional[torch.Tensor],
+    first: Union[None, bool, torch.Tensor],
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -126,8 +126,11 @@ def _sgd_direction(
     assert buf is not None and first is not None
     # torch: the first step clones the gradient, later ones
     # buf.mul_(momentum).add_(grad, alpha=1 - dampening).
-    later = torch.add(torch.mul(buf, momentum), g, alpha=1 - dampening)
-    buf = torch.where(first, g, later)
+    if isinstance(first, bool):  # known on the host: compute only the branch taken (the same bits)
+        buf = g if first else torch.add(torch.mul(buf, momentum), g, alpha=1 - dampening)
+    else:
+        later = torch.add(torch.mul(buf, momentum), g, alpha=1 - dampening)
+        buf = torch.where(first, g, later)
     return (torch.add(g, buf, alpha=momentum) if nesterov else buf), buf
 
 
@@ -199,7 +202,11 @@ def sgd(
         p_leaves, spec = flatten_params(params, "sgd.update")
         g_leaves = flatten_like("grads", grads, spec, p_leaves, "sgd.update")
         b_leaves = _buffer_leaves(state, momentum, spec, p_leaves)
-        first = state.step == 0 if b_leaves is not None else None
+        first: Union[None, bool, torch.Tensor] = None
+        if b_leaves is not None:
+            first = state.step == 0
+            if first.device.type == "cpu" and not traced(first):
+                first = bool(first)  # no device sync on the CPU: skip the branch not taken
         move = _lr_mover(lr, state.step)
         new_params = []
         new_buffers = []

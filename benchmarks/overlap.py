@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/overlap.py [--numel 1048576] [--compute-ms 30] [--period 8]
                                  [--fragments 2] [--windows 10] [--reduce avgfn|functional]
-                                 [--json]
+                                 [--breakdown] [--json]
 
 Two processes on one machine form a gloo group over loopback. Each holds
 params of two equal leaves (``--numel`` float32 elements in all, one leaf per
@@ -26,6 +26,11 @@ round): ``median_step_ms`` is the median over ``--windows`` windows (after one
 period of warm-up) of the window's time divided by ``h``. The two processes
 stay in step through the collectives themselves; the reported figure is rank
 0's.
+
+``--breakdown`` times ``update`` itself instead (modelled compute, avgfn's Reduce),
+per kind of step (the sync step of ``delay=0``; the start and apply steps of
+``delay = h / 2``), with the per-round agreement on and off, and one blocking
+all-reduce of a fragment: what the overlap can hide and what it cannot.
 
 ``--json`` prints one object per line with ``name`` (``compute``, ``delay0``,
 ``delay1``...), ``compute`` (``modelled`` or ``real``) and ``median_step_ms``;
@@ -118,6 +123,48 @@ def _schedule(rank: int, args: Any, kind: str, delay: Optional[int], matmuls: in
     return statistics.median(windows)
 
 
+def _breakdown(rank: int, args: Any) -> list[dict[str, Any]]:
+    """Time ``update`` itself per kind of step (``--breakdown``), with the agreement on and off."""
+    h = args.period // args.fragments
+    half = args.numel // args.fragments
+    rows = []
+    for agree in (True, False):
+        for delay in (0, h // 2):
+            torch.manual_seed(0)  # the replicas start alike (the first round checks it)
+            params = {f"f{k}": torch.randn(half) for k in range(args.fragments)}
+            reduce = avgfn.collectives.all_reduce_mean(in_flight=True)
+            avg = avgfn.streaming_diloco(
+                args.period, reduce=reduce, num_fragments=args.fragments, delay=delay,
+                round=avgfn.Round(agree=agree),
+            )  # fmt: skip
+            state = avg.init(params)
+            times: dict[str, list[float]] = {}
+            dist.barrier()
+            for step in range(args.period + args.windows * h):
+                time.sleep(args.compute_ms / 1000)
+                local = {k: v + 1e-6 * (rank + 1) for k, v in params.items()} if step % h == h - 1 else params
+                apply_k, start_k = (step + 1) % h == 0, delay and (step + 1 + delay) % h == 0
+                kind = "sync step" if apply_k and not delay else "apply step" if apply_k else (
+                    "start step" if start_k else "off-step")  # fmt: skip
+                started = time.perf_counter()
+                params, state = avg.update(local, state, step)
+                if step >= args.period:
+                    times.setdefault(kind, []).append((time.perf_counter() - started) * 1000)
+            for kind, values in times.items():
+                rows.append({"name": f"delay{delay} {kind}", "agree": agree,
+                             "median_ms": round(statistics.median(values), 3)})  # fmt: skip
+    buf = torch.randn(half)
+    waits = []
+    for _ in range(args.windows):
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(buf)
+        waits.append((time.perf_counter() - started) * 1000)
+    rows.append({"name": "blocking all_reduce of one fragment", "agree": None,
+                 "median_ms": round(statistics.median(waits), 3)})  # fmt: skip
+    return rows
+
+
 def _worker(rank: int, folder: str, args: Any) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -126,6 +173,12 @@ def _worker(rank: int, folder: str, args: Any) -> None:
         timeout=datetime.timedelta(seconds=300),
     )  # fmt: skip
     try:
+        if args.breakdown:
+            rows = _breakdown(rank, args)
+            if rank == 0:
+                torch.save(rows, os.path.join(folder, "rows.pt"))
+            dist.barrier()
+            return
         matmuls = _calibrate(args.compute_ms)
         h = args.period // args.fragments
         rows = []
@@ -156,6 +209,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10, help="windows of period/fragments steps timed")
     parser.add_argument("--reduce", choices=("avgfn", "functional"), default="avgfn",
                         help="all_reduce_mean(in_flight=True), or torch's functional all-reduce")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time update itself per kind of step (modelled compute), agreement on and off")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.period % args.fragments or args.period // args.fragments < 2:
@@ -163,6 +218,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="avgfn-overlap-") as folder:
         mp.start_processes(_worker, args=(folder, args), nprocs=WORLD, start_method="spawn")
         rows = torch.load(os.path.join(folder, "rows.pt"), weights_only=True)
+    if args.breakdown:
+        for row in rows:
+            print(json.dumps(row) if args.json else f"{row['name']:<40} agree={row['agree']!s:<5} "
+                  f"{row['median_ms']:8.3f} ms")  # fmt: skip
+        return
     fractions = {kind: hidden_fraction(rows, kind) for kind in ("modelled", "real")}
     if args.json:
         for row in rows:

@@ -104,8 +104,22 @@ def _streaming(rank: int, world: int, reduce: Any, cut: int = 2048) -> dict[str,
     return {"history": history, "held": held}
 
 
+def _buckets(rank: int, world: int) -> dict[str, Any]:
+    """One round in buckets of about one leaf each: every bucket's mean stays in flight."""
+    params = {k: v * (rank + 1) for k, v in {"a": torch.randn(4096), "b": torch.randn(4096),
+                                             "c": torch.randn(3000)}.items()}  # fmt: skip
+    # nonfinite="ignore": the default "raise" checks the mean inside the round, which reads it
+    rnd = avgfn.Round(bucket_bytes=2 * 4096 * 4, nonfinite="ignore")  # two buffers of 4096 floats
+    held = avgfn.average(params, collectives.all_reduce_mean(in_flight=True), round=rnd)
+    in_flight = {k: _in_flight(v) for k, v in held.items()}
+    blocking = avgfn.average(params, collectives.all_reduce_mean(), round=rnd)
+    return {"in flight": in_flight, "equal": {k: torch.equal(held[k], blocking[k]) for k in params}}
+
+
 def _world(rank: int, world: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"streaming": {"blocking": _streaming(rank, world, BlockingMean(world))}}
+    torch.manual_seed(0)
+    out: dict[str, Any] = {"buckets": _buckets(rank, world)}
+    out["streaming"] = {"blocking": _streaming(rank, world, BlockingMean(world))}
     for kind in HELD:
         out["streaming"][kind] = _streaming(rank, world, _held(kind, None, world))
     # unequal fragments (1500 and 2596 elements): a Reduce that says its results are in flight
@@ -205,3 +219,12 @@ def test_a_failure_surfaces_in_the_update_that_reads_the_mean_and_changes_nothin
     assert first["unchanged"], first
     if kind == "avgfn":  # the Reduce's own failure: a PeerError, as from a blocking round
         assert first["error"] == "PeerError", first
+
+
+def test_the_buckets_of_a_round_stay_in_flight_until_read(world):
+    # with all_reduce_mean(in_flight=True) a bucketed round launches every bucket's all-reduce
+    # and returns: each leaf is a view of its bucket's mean, still on the wire
+    for rank in range(2):
+        got = world[rank]["buckets"]
+        assert got["in flight"] == {"a": True, "b": True, "c": True}, got
+        assert all(got["equal"].values()), got

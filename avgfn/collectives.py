@@ -453,7 +453,8 @@ def all_reduce_mean(
         all-reduce is started, with a [`MeanInFlight`][avgfn.collectives.MeanInFlight]
         that waits when first read (at most ``timeout`` from then, raising
         [`avgfn.PeerError`][avgfn.PeerError] as a blocking call would). The bits are
-        the same. This is what lets [`avgfn.streaming_diloco()`][avgfn.streaming_diloco]
+        the same. The argument is written while the call is in flight: read
+        the result, not the argument. This is what lets [`avgfn.streaming_diloco()`][avgfn.streaming_diloco]
         (``delay > 0``) and [`avgfn.overlapped_diloco()`][avgfn.overlapped_diloco] keep the
         all-reduce on the wire while the replicas compute. Under
         ``torch.compile`` every call is in flight (torch's functional all-reduce).

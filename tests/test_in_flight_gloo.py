@@ -228,3 +228,17 @@ def test_the_buckets_of_a_round_stay_in_flight_until_read(world):
         got = world[rank]["buckets"]
         assert got["in flight"] == {"a": True, "b": True, "c": True}, got
         assert all(got["equal"].values()), got
+
+
+def test_a_forwarding_reduce_says_what_its_inner_reduce_says():
+    class Counting(avgfn.ForwardingReduce):
+        pass
+
+    class Held:
+        in_flight = True
+
+        def __call__(self, tensor):
+            return tensor
+
+    assert Counting(Held()).in_flight is True
+    assert Counting(lambda t: t).in_flight is False

@@ -119,8 +119,12 @@ class GroupReduce(Protocol):
       and the round is then refused with [`avgfn.RoundNotCommitted`][avgfn.RoundNotCommitted].
 
     The tensors a group-backed Reduce returns may be in flight (a tensor that
-    waits when first read, as torch's functional collectives return); and
-    with ``DTensor`` params it is handed the local shards.
+    waits when first read, with a ``wait()`` that returns the plain tensor, as
+    torch's functional collectives and ``all_reduce_mean(in_flight=True)``
+    return); a Reduce whose results always are may say so with a true
+    ``in_flight`` attribute (any Reduce may: Streaming DiLoCo then pads a
+    smaller fragment on the wire, to keep it in flight). With ``DTensor``
+    params it is handed the local shards.
     """
 
     @property
@@ -317,6 +321,11 @@ class ForwardingReduce:
 
     def divisor(self) -> int:
         return divisor(self.inner)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether the inner Reduce says its results are in flight (see [`GroupReduce`][avgfn.GroupReduce])."""
+        return getattr(self.inner, "in_flight", False) is True
 
     def start(self, tensor: torch.Tensor) -> Pending:
         self.observe(tensor, False)

@@ -253,14 +253,20 @@ def test_an_average_is_applied_once():
     assert torch.equal(twice["a"], once["a"])
 
 
-def test_an_average_started_for_another_fragment_or_step_is_refused():
+def test_a_stale_average_is_dropped_and_one_from_a_later_step_refused():
     avg = _overlapped()
     params = start()
+    drifted = {k: v + 1 for k, v in params.items()}
     state = avg.init(params)
-    _, state = avg.update(params, state, 0)  # fragment 0, started at step 0
-    with pytest.raises(ValueError, match=r"at step 3 fragment 1 is due.*holds fragment 0's, started at step 0"):
-        avg.update(params, state, 3)
-    assert state.in_flight.tolist() == [0, 0]  # the state handed in is unchanged
+    _, state = avg.update(drifted, state, 0)  # fragment 0, started at step 0
+    # steps 1 and 2 are not run: fragment 0's average is stale at step 3, where fragment 1
+    # (started at step 2) is due; before, this raised ValueError and stopped the run
+    before = [g.clone() for g in state.global_params]
+    new, after = avg.update(drifted, state, 3)
+    assert after.rounds.tolist() == [0, 1, 0] and int(after.skipped) == 1  # fragment 1's round, skipped
+    assert all(torch.equal(g, b) for g, b in zip(after.global_params, before))
+    assert torch.equal(new["b"], params["b"]) and new["a"] is drifted["a"]  # fragment 0's average not applied
+    assert after.in_flight.tolist() == [-1, -1]  # dropped
     _, state = avg.update(params, state, 6)  # fragment 0 again, started at step 6
     with pytest.raises(ValueError, match="started at step 6"):
         avg.update(params, state, 1)  # fragment 0's apply step of the previous period

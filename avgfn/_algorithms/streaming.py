@@ -363,8 +363,9 @@ class _Streaming:
 
         Eagerly: ``None`` when it does; a False tensor when nothing is in
         flight (its start step was not run, or its average was applied
-        already): the round is then skipped; and another fragment's average
-        or one started at another step is refused. Under a transform the
+        already) or what is held was started before (its own apply step was
+        not run: it is stale): the round is then skipped; an average started
+        at this start step or later but not the one due is refused. Under a transform the
         answer is a tensor, and a round whose tag does not match is skipped.
         """
         started = step - self.delay
@@ -375,6 +376,7 @@ class _Streaming:
                 f"step {started} (delay={self.delay}); the state holds fragment {held[0]}'s, started "
                 f"at step {held[1]}. Pass the state of the previous step: nothing was applied"
             ),
+            older=1,
         )  # fmt: skip
 
     def average(

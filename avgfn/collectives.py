@@ -111,8 +111,16 @@ class MeanInFlight(torch.Tensor):
         return self._elem
 
     def __repr__(self) -> str:  # type: ignore[override]
-        state = "completed" if self.completed else "in flight"
-        return f"MeanInFlight({state}, shape={tuple(self.shape)}, dtype={self.dtype})"
+        return repr(self.wait())  # printing reads the values: it waits
+
+    def tolist(self) -> Any:
+        return self.wait().tolist()
+
+    def numpy(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wait().numpy(*args, **kwargs)
+
+    def __deepcopy__(self, memo: Any) -> torch.Tensor:
+        return self.wait().clone()  # a copy of the mean, a plain tensor
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # pickling (torch.save) waits
         return self.wait().__reduce_ex__(protocol)

@@ -242,3 +242,36 @@ def test_a_forwarding_reduce_says_what_its_inner_reduce_says():
 
     assert Counting(Held()).in_flight is True
     assert Counting(lambda t: t).in_flight is False
+
+
+def _ops_on_a_mean_in_flight(rank: int, world: int) -> dict[str, Any]:
+    import copy
+    import io
+
+    held = collectives.all_reduce_mean(in_flight=True, timeout=30)
+    fresh = lambda: held(torch.arange(4.0))  # noqa: E731
+    buf = io.BytesIO()
+    torch.save(fresh(), buf)
+    buf.seek(0)
+    view = fresh()[1:3]
+    return {
+        "view in flight": _in_flight(view),
+        "tolist": fresh().tolist(),
+        "deepcopy": copy.deepcopy(fresh()),
+        "repr": repr(fresh()),
+        "saved": torch.load(buf, weights_only=True),
+        "stack": torch.stack([fresh(), torch.ones(4)]),
+        "item": fresh()[2].item(),
+        "plain results": type(fresh() + 1) is torch.Tensor and type(fresh().double()) is torch.Tensor,
+        "view read": view.tolist(),
+    }
+
+
+def test_a_mean_in_flight_reads_as_a_tensor_through_every_kind_of_use():
+    got = run_world(_ops_on_a_mean_in_flight, 1)[0]
+    assert got["view in flight"] and got["plain results"]
+    assert got["tolist"] == [0.0, 1.0, 2.0, 3.0] and got["view read"] == [1.0, 2.0]
+    assert type(got["deepcopy"]) is torch.Tensor and torch.equal(got["deepcopy"], torch.arange(4.0))
+    assert got["repr"] == "tensor([0., 1., 2., 3.])"
+    assert torch.equal(got["saved"], torch.arange(4.0))
+    assert torch.equal(got["stack"][0], torch.arange(4.0)) and got["item"] == 2.0

@@ -20,7 +20,7 @@ from avgfn._core import tree as _tree
 
 from avgfn._core.errors import PeerError, ReplicaMismatchError
 from avgfn._core.levels import group_sizes
-from avgfn._core.types import Done, ReduceSchedule
+from avgfn._core.types import Done, ReduceSchedule, settle
 
 Timeout = Union[None, float, int, datetime.timedelta]
 
@@ -64,7 +64,22 @@ def _seconds(timeout: Timeout) -> Optional[float]:
     return value
 
 
-__all__ = ["CommHookState", "GroupMean", "MeanInFlight", "all_reduce_mean", "ddp_comm_hook", "hierarchy"]
+__all__ = [
+    "CommHookState", "GroupMean", "MeanInFlight", "all_reduce_mean", "ddp_comm_hook", "hierarchy", "settled",
+]
+
+
+def settled(tree: Any) -> Any:
+    """``tree`` with every result still in flight waited for and replaced by its plain tensor.
+
+    A state (or params) that holds a [`MeanInFlight`][avgfn.collectives.MeanInFlight]
+    (or torch's ``AsyncCollectiveTensor``) cannot be handed to a function
+    compiled with ``torch.compile``, which does not trace them: pass
+    ``settled(state)`` instead. Everything else comes back as the same object;
+    a failure of a collective in flight raises here (a
+    [`avgfn.PeerError`][avgfn.PeerError]).
+    """
+    return _tree.tree_map(settle, tree)
 
 
 class MeanInFlight(torch.Tensor):

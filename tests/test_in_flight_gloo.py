@@ -275,3 +275,27 @@ def test_a_mean_in_flight_reads_as_a_tensor_through_every_kind_of_use():
     assert got["repr"] == "tensor([0., 1., 2., 3.])"
     assert torch.equal(got["saved"], torch.arange(4.0))
     assert torch.equal(got["stack"][0], torch.arange(4.0)) and got["item"] == 2.0
+
+
+def _compiled_after_settling(rank: int, world: int) -> dict[str, Any]:
+    held = collectives.all_reduce_mean(in_flight=True, timeout=30)
+    avg = avgfn.streaming_diloco(4, reduce=held, num_fragments=2, delay=1, round=avgfn.Round(agree=False))
+    params = {"a": torch.arange(4.0), "b": torch.arange(3.0)}
+    state = avg.init(params)
+    params, state = avg.update({k: v + 1 for k, v in params.items()}, state, 0)  # fragment a starts
+    in_flight = _in_flight(state.pending)
+    plain = collectives.settled(state)
+    compiled = torch.compile(lambda p: p * 2, fullgraph=True, backend="eager")
+    return {
+        "in flight": in_flight,
+        "plain": type(plain.pending) is torch.Tensor,
+        "same rounds object": plain.rounds is state.rounds,
+        "compiled": compiled(plain.pending),
+        "want": state.pending * 2,
+    }
+
+
+def test_settled_hands_a_compiled_function_plain_tensors():
+    got = run_world(_compiled_after_settling, 1)[0]
+    assert got["in flight"] and got["plain"] and got["same rounds object"]
+    assert torch.equal(got["compiled"], got["want"])

@@ -209,3 +209,14 @@ def test_non_float_leaves_are_refused():
         optim.sgd(0.1).init({"n": torch.zeros(2, dtype=torch.int64)})
     with pytest.raises(TypeError, match="is int"):
         optim.adamw().init({"n": 3})
+
+
+def test_sgd_momentum_state_never_aliases_the_grads():
+    # the first step's buffer is the gradient's value, in a tensor of its own (torch clones it):
+    # a caller that reuses its gradient tensors in place must not change the optimizer's state
+    opt = avgfn.optim.sgd(0.1, momentum=0.9)
+    params = {"w": torch.ones(3)}
+    grads = {"w": torch.full((3,), 2.0)}
+    _, state = opt.update(grads, opt.init(params), params)
+    grads["w"].zero_()
+    assert torch.equal(state.momentum_buffer["w"], torch.full((3,), 2.0))

@@ -127,7 +127,8 @@ def _sgd_direction(
     # torch: the first step clones the gradient, later ones
     # buf.mul_(momentum).add_(grad, alpha=1 - dampening).
     if isinstance(first, bool):  # known on the host: compute only the branch taken (the same bits)
-        buf = g if first else torch.add(torch.mul(buf, momentum), g, alpha=1 - dampening)
+        # a copy at the first step, as torch's clone: the state must not alias the caller's grads
+        buf = torch.clone(g) if first else torch.add(torch.mul(buf, momentum), g, alpha=1 - dampening)
     else:
         later = torch.add(torch.mul(buf, momentum), g, alpha=1 - dampening)
         buf = torch.where(first, g, later)

@@ -194,6 +194,8 @@ def _reduce_local(
     a health verdict over the ranks holding the other shards.
     """
     policy = rnd.nonfinite if policy is None else policy
+    if rnd.donate:  # a leaf still in flight (a mean not read yet) is written once it is there
+        leaves = [_types.settle(leaf) for leaf in leaves]
     exchange = policy != "ignore" and (rnd.donate or policy == "exclude")  # the health flag
     if refusal is None and leaves:
         try:

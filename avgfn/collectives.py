@@ -294,7 +294,7 @@ class GroupMean:
     def agree(self, digest: bytes, entries: Any) -> None:
         """Raise [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] on every rank unless all digests agree.
 
-        One all-reduce of two int64 values (the digest and its negation, with
+        One all-reduce of four int64 values (the digest, its negation and two health flags, with
         MAX); only when they disagree, the ``(path, shape dtype)`` entries are
         gathered (as UTF-8 JSON in uint8 tensors: ``all_gather_object`` needs
         NumPy) to report the first difference. A collective: every rank of
@@ -303,25 +303,35 @@ class GroupMean:
         """
         self.start_agree(digest, entries).wait()
 
-    def start_agree(self, digest: bytes, entries: Any) -> "_Agreement":
+    agree_carries_flags = True
+    """`start_agree()` takes ``flags``: the round's health flags travel with the check."""
+
+    def start_agree(
+        self, digest: bytes, entries: Any, flags: Sequence[int] = (0, 0)
+    ) -> "_Agreement":
         """Begin `agree()` without waiting; its ``wait()`` raises as `agree()` does.
 
         The round engine packs its buffer while the check is on the wire. The
         caller must not start another collective on the group before ``wait()``.
+        ``flags`` (two 0/1 ints) travel in the same all-reduce, with MAX: after
+        ``wait()``, the agreement's ``flags`` says whether any rank set each
+        one (a donated round's "not finite" and "no room on the wire"), which
+        spares the round a collective of its own.
         """
         group = self._group()
         if dist.get_rank(group) < 0 or torch.compiler.is_compiling():
             # Under torch.compile the check (a host-side digest, then .item()) cannot be a
             # graph op: it is skipped, as under vmap (see docs/collectives.md).
-            return _Agreement(self, None, 0, entries)
+            return _Agreement(self, None, 0, entries, [int(f) for f in flags])
         value = int.from_bytes(digest[:8], "little", signed=True) >> 1  # room for the negation
-        probe = torch.tensor([value, -value], dtype=torch.int64)
+        # always four int64, whatever the flags: every rank's check has the same size
+        probe = torch.tensor([value, -value, int(flags[0]), int(flags[1])], dtype=torch.int64)
         started = time.monotonic()
         try:
             work = dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group, async_op=True)
         except RuntimeError as error:
             raise self._failure(error, started) from error
-        return _Agreement(self, _PendingMean(self, work, probe, started), value, entries)
+        return _Agreement(self, _PendingMean(self, work, probe, started), value, entries, None)
 
     def _mismatch(self, entries: list[tuple[str, str]]) -> ReplicaMismatchError:
         group = self._group()
@@ -436,21 +446,25 @@ class _PendingMean:
 class _Agreement:
     """An agreement check on the wire (`GroupMean.start_agree()`)."""
 
-    __slots__ = ("owner", "pending", "value", "entries")
+    __slots__ = ("owner", "pending", "value", "entries", "flags")
 
-    def __init__(self, owner: GroupMean, pending: Optional[_PendingMean], value: int, entries: Any) -> None:
+    def __init__(
+        self, owner: GroupMean, pending: Optional[_PendingMean], value: int, entries: Any, flags: Any
+    ) -> None:
         self.owner = owner
         self.pending = pending
         self.value = value
         self.entries = entries
+        self.flags: Optional[list[int]] = flags  # after wait(): each flag's MAX over the ranks
 
     def wait(self) -> None:
         """Return when every rank handed in the same digest; raise on every rank otherwise."""
         if self.pending is None:
             return
-        probe = self.pending.wait()
+        probe = self.pending.wait().tolist()
         self.pending = None
-        if probe[0].item() == self.value and probe[1].item() == -self.value:
+        if probe[0] == self.value and probe[1] == -self.value:
+            self.flags = probe[2:]
             return
         raise self.owner._mismatch(self.entries())
 

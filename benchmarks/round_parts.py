@@ -7,8 +7,9 @@ Each process times, back to back in every round (no barrier between them, as a
 training loop runs), torch's ``average_parameters`` and ``avgfn.periodic``'s
 update at an averaging step with: the default ``Round()``, ``Round(agree=False)``
 (no per-round agreement), ``Round(nonfinite="ignore")`` (no check of the mean),
-and both off. Rank 0 prints each median (after 10 warm-up rounds) and its ratio
-to torch.
+and both off; then the same four with ``donate=True`` (the params written in
+place). Rank 0 prints each median (after 10 warm-up rounds) and its ratio to
+torch.
 """
 
 from __future__ import annotations
@@ -52,12 +53,24 @@ def _worker(rank: int, folder: str, args: Any) -> None:
 
         return once
 
+    box = {"d": {f"p{i}": torch.randn(n) for i, n in enumerate(sizes)}}
+
+    def runh(avg: Any) -> Any:
+        def once() -> None:
+            box["d"] = avg.update(box["d"], state, 0)[0]
+
+        return once
+
     variants = {
         "torch": lambda: torch_utils.average_parameters(iter(torch_params), None),
         "default": run(make()),
         "agree=False": run(make(agree=False)),
         "nonfinite=ignore": run(make(nonfinite="ignore")),
         "both off": run(make(agree=False, nonfinite="ignore")),
+        "donate": runh(make(donate=True)),
+        "donate agree=False": runh(make(donate=True, agree=False)),
+        "donate nonfinite=ignore": runh(make(donate=True, nonfinite="ignore")),
+        "donate both off": runh(make(donate=True, agree=False, nonfinite="ignore")),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(10 + args.rounds):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import attrs
@@ -247,12 +247,29 @@ AGREED: "Agreement" = _Agreed()
 """An agreement that has already passed (no peers to compare with)."""
 
 
-def start_agree(reduce: Reduce, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> Agreement:
-    """Begin the group's agreement check (at once when the group cannot start it)."""
+def carries_flags(reduce: Reduce) -> bool:
+    """Whether the group's agreement can carry a round's health flags (``start_agree(..., flags=)``)."""
+    group = group_of(reduce)
+    return group is not None and getattr(group, "agree_carries_flags", False) is True
+
+
+def start_agree(
+    reduce: Reduce,
+    digest: bytes,
+    entries: Callable[[], list[tuple[str, str]]],
+    flags: Optional[Sequence[int]] = None,
+) -> Agreement:
+    """Begin the group's agreement check (at once when the group cannot start it).
+
+    ``flags`` go with it only to a group that `carries_flags()`; the
+    agreement's ``flags`` attribute then holds their MAX after ``wait()``.
+    """
     group = group_of(reduce)
     if group is None:
         return AGREED
     begin = getattr(group, "start_agree", None)
+    if flags is not None and carries_flags(reduce):
+        return begin(digest, entries, flags=flags)  # type: ignore[misc]
     if begin is not None:
         return begin(digest, entries)
     group.agree(digest, entries)

@@ -17,7 +17,7 @@ compare against, and skip them.
   leaves they are about to average, and the step. A replica whose ``where``
   selects other leaves, or that is at another step of its schedule, makes
   every replica raise [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] before the data
-  moves. It costs one all-reduce of two int64 per round; the digest of the
+  moves. It costs one all-reduce of four int64 per round; the digest of the
   structure is cached, so each round hashes only the step.
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -123,6 +123,7 @@ def start_round(
     wire: str = "",
     refused: str = "",
     sharding: Optional[tuple[str, ...]] = None,
+    flags: Optional[Sequence[int]] = None,
 ) -> _types.Agreement:
     """Begin the check that every replica averages the same leaves at the same ``step``.
 
@@ -134,8 +135,10 @@ def start_round(
     raise at once instead of waiting for it. ``sharding`` (for DTensor
     leaves, whose local shards ``leaves`` are) gives per leaf the global
     shape, placements and shard offset (`avgfn._round.sharded.layout()`):
-    replicas holding other pieces of a tensor disagree. ``wait()`` on the
-    result raises on every replica unless all agree.
+    replicas holding other pieces of a tensor disagree. ``flags`` (the
+    round's health flags) travel with the check when the group can carry
+    them (`avgfn._core.types.carries_flags()`). ``wait()`` on the result
+    raises on every replica unless all agree.
     """
     if _types.group_of(reduce) is None or torch.compiler.is_compiling() or (leaves and traced(leaves[0])):
         return _types.AGREED  # no peers, or traced: a host-side digest cannot run in the graph
@@ -154,4 +157,4 @@ def start_round(
         head += [("<round>", wire)] if wire else []
         return head + ([("<refused>", refused)] if refused else []) + described
 
-    return _types.start_agree(reduce, digest, entries)
+    return _types.start_agree(reduce, digest, entries, flags)

@@ -195,21 +195,35 @@ def _reduce_local(
     """
     policy = rnd.nonfinite if policy is None else policy
     if rnd.donate:  # a leaf still in flight (a mean not read yet) is written once it is there
-        leaves = [_types.settle(leaf) for leaf in leaves]
+        settled = [_types.settle(leaf) for leaf in leaves]
+        if any(a is not b for a, b in zip(settled, leaves)):
+            leaves = settled
     exchange = policy != "ignore" and (rnd.donate or policy == "exclude")  # the health flag
     if refusal is None and leaves:
         try:
             _check_leaves(leaves, rnd, names)
         except (TypeError, ValueError) as error:
             refusal = error
+    limit = _wire_limit(rnd)
     gate = _types.AGREED
+    # A donated round's health flags ("any replica not finite", "any without room on the
+    # wire") travel with the agreement when the group can carry them: one collective fewer.
+    local, exchanged = None, None
+    if (
+        rnd.agree and exchange and policy in ("raise", "skip") and refusal is None and leaves
+        and not traced(leaves[0]) and _types.carries_flags(reduce)
+    ):  # fmt: skip
+        local = _health.local_health(leaves, limit, combine)
     if rnd.agree:  # also with no leaf: the peers must learn that this replica averages nothing
         wire = f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}"
         refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
-        gate = _agree.start_round(leaves, reduce, step, names, key, wire, refused, sharding)
+        flags = None if local is None else [int(not local[0]), int(not local[1])]
+        gate = _agree.start_round(leaves, reduce, step, names, key, wire, refused, sharding, flags)
     if refusal is not None or not leaves or exchange or rnd.donate:
         # Nothing may move, nor a donated leaf be written, before the check passed.
         _passed(gate, refusal)
+        if local is not None:
+            exchanged = getattr(gate, "flags", None)
         gate = _types.AGREED
     if not leaves:
         return leaves, residuals
@@ -217,8 +231,10 @@ def _reduce_local(
     def local_bad() -> list[str]:
         return [names()[k] for k, leaf in enumerate(leaves) if not bool(_health.finite([leaf], limit))]
 
-    limit = _wire_limit(rnd)
-    plan = _health.plan(leaves, reduce, policy, rnd.donate, local_bad, limit, combine)
+    if local is not None and exchanged is not None and len(exchanged) == 2:
+        plan = _health.plan_from_flags(reduce, policy, local[0], exchanged, local_bad, limit)
+    else:
+        plan = _health.plan(leaves, reduce, policy, rnd.donate, local_bad, limit, combine)
     if plan.skip:
         return leaves, residuals
     sent, sent_res = leaves, residuals

@@ -29,7 +29,7 @@ gives the bits of the plain mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -240,6 +240,35 @@ def plan(
     if policy == "raise" or float(healthy) <= 0:
         raise error(policy, [] if bool(ok) else bad_paths(), [], wire=limit is not None)
     return Plan(_rescaled(reduce, healthy), mask=ok, check=True)
+
+
+def local_health(
+    leaves: list[torch.Tensor], limit: Optional[float], combine: Optional[Callable[[torch.Tensor], torch.Tensor]]
+) -> tuple[bool, bool]:
+    """``(ok, roomy)`` of this replica's leaves, read on the host: the flags `plan()` exchanges."""
+    values = _extremes_of(leaves)
+    ok, roomy = _judge(values, leaves, limit), _roomy(values, leaves, limit)
+    if combine is not None:
+        ok, roomy = combine(ok), combine(roomy)
+    return bool(ok), bool(roomy)
+
+
+def plan_from_flags(
+    reduce: Reduce, policy: str, ok: bool, exchanged: Sequence[int], bad_paths: Callable[[], list[str]],
+    limit: Optional[float],
+) -> Plan:
+    """`plan()` for ``"raise"`` / ``"skip"``, from flags the agreement already exchanged.
+
+    ``exchanged`` is ``[any replica not finite, any replica without room]``
+    (their MAX over the group): the decisions `plan()` takes from the means
+    of its own flags, without that collective.
+    """
+    unhealthy, crowded = exchanged
+    if not unhealthy:
+        return Plan(reduce, check=bool(crowded))
+    if policy == "skip":
+        return Plan(reduce, skip=True)
+    raise error(policy, [] if ok else bad_paths(), [], wire=limit is not None)
 
 
 def check_result(

@@ -67,7 +67,7 @@ class Round:
         default).
       agree: before any value is mixed, the replicas of the group check that
         they average the same leaves (paths, shapes, dtypes of the selection)
-        at the same step: one extra collective of two int64 per round
+        at the same step: one extra collective of four int64 per round
         through a group-backed Reduce. ``False`` turns it off.
 
     Examples:

@@ -123,6 +123,8 @@ class MeanInFlight(torch.Tensor):
     def wait(self) -> torch.Tensor:
         """Wait for the collective (once); return the plain tensor that holds the mean."""
         self._wait()
+        if self.requires_grad and not self._elem.requires_grad:  # the flag an averager gave the result
+            self._elem.requires_grad_(True)
         return self._elem
 
     def __repr__(self) -> str:  # type: ignore[override]

@@ -44,8 +44,11 @@ class AveragingOptimizer(torch.optim.Optimizer):
     of the failed call, even after a ``zero_grad()``), then advances
     `iteration`, so a retry that succeeds ends where a run without the
     failure ends. With ``scaler=``, a retry hands the scaler back the inf
-    checks of the inner step it applied, so a ``scaler.update()`` after
-    it (say, in a ``finally``) works as after any step. While an
+    checks of the inner step it applied when an ``update()`` used them up
+    since, so a ``scaler.update()`` after the retry (say, in a ``finally``)
+    does not raise; that step then counts twice in the scaler's growth and
+    back-off (call ``update()`` only after a ``step()`` that returned to
+    count it once). While an
     averaging is owed, `state_dict()` raises ``RuntimeError`` (a run resumed
     from it would apply that inner step twice); a `load_state_dict()` of an
     earlier checkpoint drops it.
@@ -174,8 +177,10 @@ class AveragingOptimizer(torch.optim.Optimizer):
                 loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
             else:
                 loss = scaler.step(self.optimizer)
+            inf_checks = _inf_checks(scaler, self.optimizer)
+            self._owed = (loss, None, inf_checks)  # owed from here on, even if the warning below raises
             left_out = self.averager.left_out_at(self.iteration)
-            self._owed = (loss, left_out, _inf_checks(scaler, self.optimizer))
+            self._owed = (loss, left_out, inf_checks)
         self.averager.step(self.iteration, left_out=left_out)
         self._owed = None
         self.iteration += 1

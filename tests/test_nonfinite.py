@@ -143,7 +143,7 @@ def test_an_excluded_replica_sends_none_of_its_carried_rounding_error():
 
 
 def test_the_one_pass_finiteness_test_of_the_outer_step_is_exact():
-    # a finite sum proves every element finite; a sum that overflows falls back to the elements
+    # one read per tensor (aminmax): huge finite values are finite, any inf or NaN is caught
     from avgfn._algorithms.outer import all_finite
 
     big = torch.full((8,), 3e38)  # finite elements whose float32 sum overflows

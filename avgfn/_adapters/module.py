@@ -119,9 +119,9 @@ class LiveAverager:
     def _warn_if_nothing_has_a_grad(self, left_out: list[torch.Tensor], step: int) -> None:
         if self._warned or not left_out:
             return
-        out = {id(t) for t in left_out}
-        trainable = [t for t in self._parameters() if t.requires_grad]
-        if trainable and all(id(t) in out for t in trainable):
+        trainable = (t for t in self._parameters() if t.requires_grad)
+        first = next(trainable, None)  # stops at the first trainable parameter with a gradient
+        if first is not None and first.grad is None and all(t.grad is None for t in trainable):
             self._warned = True
             warnings.warn(
                 f"{type(self).__name__}(params='with_grad') at step {step}: no parameter has a "

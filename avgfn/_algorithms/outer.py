@@ -27,6 +27,7 @@ from avgfn._core import types as _types
 from avgfn._core.errors import AveragingError, NonFiniteError, ReplicaMismatchError
 from avgfn._core.records import Record, record
 from avgfn._round.agree import verify as verify_replicas
+from avgfn._round.health import finite as _finite
 from avgfn.optim._base import Optimizer
 from avgfn.optim._sgd import sgd
 
@@ -229,35 +230,17 @@ def _check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor]
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor: every element of every tensor is finite.
 
-    DTensors (sharded params) are judged on every shard: the answer is a
-    plain tensor, the same on every rank of their mesh.
-
-    Eagerly the test is one sum per tensor: an inf or a NaN anywhere makes
-    the sum non-finite, so finite sums prove every element finite, in one
-    pass over the memory (``isfinite(t).all()`` takes three) and one host
-    read for all the tensors. Only when a sum is not finite (a non-finite
-    element, or finite ones whose sum overflows) are the elements tested.
-    Under a transform, the elements are tested, without a host read.
+    One read of each tensor, without a host read (the round engine's test,
+    `avgfn._round.health.finite()`). DTensors (sharded params) are judged on
+    every shard: the answer is a plain tensor, the same on every rank of
+    their mesh.
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
+    ok = _finite(list(tensors))
     if _sharded.any_dtensor(list(tensors)):
-        local = _finite_leaves([_sharded.local(t) for t in tensors])
-        return _sharded.everywhere(local, list(tensors))
-    return _finite_leaves(list(tensors))
-
-
-def _finite_leaves(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if traced(tensors[0]):
-        return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-    floats = [t for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
-    if not floats:
-        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
-    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in floats]
-    device = floats[0].device
-    if bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all()):
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack([torch.isfinite(t).all().to(device) for t in floats]).all()
+        return _sharded.everywhere(ok, list(tensors))
+    return ok
 
 
 def eager_check(ok: torch.Tensor, error: Callable[[], BaseException]) -> None:

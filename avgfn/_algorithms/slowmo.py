@@ -38,6 +38,8 @@ from avgfn.optim._base import check_float
 __all__ = ["SlowMoState", "slowmo"]
 
 LearningRate = Union[float, Callable[[int], float]]
+_BASE_BUMP = torch.tensor([1, 0], dtype=torch.int64)  # added to SlowMoState.rounds by a base averaging
+_SLOW_BUMP = torch.tensor([0, 1], dtype=torch.int64)  # and by a slow momentum step
 
 
 @record
@@ -190,8 +192,6 @@ def slowmo(
     )
     nonfinite, verify = rnd.nonfinite, rnd.verify
     slow_policy = mean_policy(nonfinite)
-    base_bump = torch.tensor([1, 0], dtype=torch.int64)
-    slow_bump = torch.tensor([0, 1], dtype=torch.int64)
 
     def init(params: Params) -> SlowMoState:
         verify_selected(params, where, reduce, verify, "slowmo")
@@ -219,7 +219,7 @@ def slowmo(
         if not slow:
             with at_step(step):
                 new_params, _ = average_tree(params, reduce, where, rnd, None, step)
-            return new_params, state.replace(rounds=rounds + base_bump.to(rounds.device))
+            return new_params, state.replace(rounds=rounds + _BASE_BUMP.to(rounds.device))
         lr_t = _lr_value(lr_spec, step)
         leaves, spec, chosen = selected(params, where)
         local = [leaves[i] for i in chosen]
@@ -234,6 +234,6 @@ def slowmo(
         momentum_ = tuple(torch.where(ok, n, o) for n, o in zip(new_momentum, state.momentum))
         new_params = write_back(leaves, spec, chosen, globals_)
         skipped = state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype)
-        return new_params, SlowMoState(rounds + slow_bump.to(rounds.device), skipped, globals_, momentum_)
+        return new_params, SlowMoState(rounds + _SLOW_BUMP.to(rounds.device), skipped, globals_, momentum_)
 
     return Averager(init=init, update=update)

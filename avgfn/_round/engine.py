@@ -205,34 +205,17 @@ def _reduce_local(
         except (TypeError, ValueError) as error:
             refusal = error
     limit = _wire_limit(rnd)
-    gate = _types.AGREED
-    # A donated round's health flags ("any replica not finite", "any without room on the
-    # wire") travel with the agreement when the group can carry them: one collective fewer.
-    local, exchanged = None, None
-    if (
-        rnd.agree and exchange and policy in ("raise", "skip") and refusal is None and leaves
-        and not traced(leaves[0]) and _types.carries_flags(reduce)
-    ):  # fmt: skip
-        local = _health.local_health(leaves, limit, combine)
-    if rnd.agree:  # also with no leaf: the peers must learn that this replica averages nothing
-        wire = f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}"
-        refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
-        flags = None if local is None else [int(not local[0]), int(not local[1])]
-        gate = _agree.start_round(leaves, reduce, step, names, key, wire, refused, sharding, flags)
-    if refusal is not None or not leaves or exchange or rnd.donate:
-        # Nothing may move, nor a donated leaf be written, before the check passed.
-        _passed(gate, refusal)
-        if local is not None:
-            exchanged = getattr(gate, "flags", None)
-        gate = _types.AGREED
+    gate, carried = _agreement(
+        leaves, reduce, rnd, policy, exchange, refusal, limit, step, names, key, sharding, combine
+    )
     if not leaves:
         return leaves, residuals
 
     def local_bad() -> list[str]:
         return [names()[k] for k, leaf in enumerate(leaves) if not bool(_health.finite([leaf], limit))]
 
-    if local is not None and exchanged is not None and len(exchanged) == 2:
-        plan = _health.plan_from_flags(reduce, policy, local[0], exchanged, local_bad, limit)
+    if carried is not None:
+        plan = _health.plan_from_flags(reduce, policy, carried[0], carried[1], local_bad, limit)
     else:
         plan = _health.plan(leaves, reduce, policy, rnd.donate, local_bad, limit, combine)
     if plan.skip:
@@ -268,6 +251,41 @@ def _reduce_local(
             + (" except the donated params" if rnd.donate else "")
         )
     return averaged, new_res
+
+
+def _agreement(
+    leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, policy: str, exchange: bool,
+    refusal: Optional[Exception], limit: Optional[float], step: Optional[int], names: Names, key: Any,
+    sharding: Optional[tuple[str, ...]], combine: Optional[Callable[[torch.Tensor], torch.Tensor]],
+) -> tuple[Any, Optional[tuple[bool, list[int]]]]:  # fmt: skip
+    """Start the round's agreement; wait for it when nothing may move before it passed.
+
+    Returns the gate to wait on before the data moves (`AGREED` once waited)
+    and, when the round's health flags ("any replica not finite", "any
+    without room on the wire") travelled with the agreement (a donated
+    ``"raise"`` / ``"skip"`` round on a group that carries them: one
+    collective fewer), ``(this replica finite, their MAX over the group)``.
+    """
+    if not rnd.agree:
+        if refusal is not None:
+            raise refusal
+        return _types.AGREED, None
+    local = None
+    if exchange and policy in ("raise", "skip") and refusal is None and leaves and not traced(leaves[0]):
+        if _types.carries_flags(reduce):
+            local = _health.local_health(leaves, limit, combine)
+    # also with no leaf: the peers must learn that this replica averages nothing
+    wire = f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}"
+    refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
+    flags = None if local is None else [int(not local[0]), int(not local[1])]
+    gate = _agree.start_round(leaves, reduce, step, names, key, wire, refused, sharding, flags)
+    if not (refusal is not None or not leaves or exchange or rnd.donate):
+        return gate, None
+    _passed(gate, refusal)  # nothing may move, nor a donated leaf be written, before the check passed
+    exchanged = None if local is None else getattr(gate, "flags", None)
+    if local is None or exchanged is None:
+        return _types.AGREED, None
+    return _types.AGREED, (local[0], exchanged)
 
 
 def _residual_leaves(residual: Any, leaves: list[Any]) -> list[Any]:

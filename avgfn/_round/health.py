@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import torch
 
+from avgfn._core import types as _types
 from avgfn._core.types import Reduce
 from avgfn._core.errors import NonFiniteError
 from avgfn._core.traced import traced
@@ -81,7 +82,8 @@ def finite(leaves: list[torch.Tensor], limit: Optional[float] = None) -> torch.T
     Leaves that tile one storage are read in one pass; a DTensor leaf is
     judged by its local shard (no communication).
     """
-    leaves = [_sharded.local(leaf) for leaf in leaves]
+    # it reads them: a mean still in flight is waited for here (it has no storage to tile)
+    leaves = [_types.settle(_sharded.local(leaf)) for leaf in leaves]
     return _judge(_extremes_of(leaves), leaves, limit)
 
 

@@ -305,6 +305,15 @@ class GroupMean:
         """
         self.start_agree(digest, entries).wait()
 
+    agree_in_data = True
+    """A round the group's history predicts may start its agreement right after its data.
+
+    Every rank runs the same rounds through this object in the same order,
+    so the sizes of the next round's collectives can be predicted from the
+    past ones (see ``docs/round.md``): the data then goes first and the
+    agreement does not delay it.
+    """
+
     agree_carries_flags = True
     """`start_agree()` takes ``flags``: the round's health flags travel with the check."""
 

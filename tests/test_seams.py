@@ -398,7 +398,7 @@ def test_each_round_agrees_once_through_the_reduce_with_its_step():
     assert len(reduce.calls) == 1
     entries = reduce.calls[0][1]()
     assert entries[0] == ("<step>", "4")
-    assert entries[1] == ("<round>", "comm_dtype=None, bucket_bytes=None, health flag=False")
+    assert entries[1] == ("<round>", "comm_dtype=None, bucket_bytes=None, health flag=False, devices=1")
     assert [path for path, _ in entries[2:]] == ["['a']", "['b']"]
     reduce.calls.clear()
     avg.update(params, state, 5)  # an off-step

@@ -114,6 +114,11 @@ class GroupReduce(Protocol):
       waiting, returning an object whose ``wait()`` returns or raises as
       `agree()` would; the engine then packs its buffer while the check is
       on the wire. A group without it is checked with `agree()`.
+    * optionally, a true ``agree_in_data``: every replica runs the engine's
+      rounds through this object in the same order, so that once its past
+      rounds predict the next one's size, the engine may start the data
+      collective first and the agreement right after it, and refuse the
+      result unless the agreement passes (`avgfn._round.predicted`).
     * ``commit()``: whether the group keeps the round that just completed;
       a group that votes on its rounds (a torchft quorum) may answer False,
       and the round is then refused with [`avgfn.RoundNotCommitted`][avgfn.RoundNotCommitted].

@@ -34,6 +34,8 @@ from avgfn._core import tree as _tree
 from avgfn._core import types as _types
 from avgfn._core.traced import traced
 from avgfn._core.types import Reduce
+from avgfn._round import facts as _facts
+from avgfn._round import predicted as _predicted
 from avgfn._round import sharded as _sharded
 
 MODES = ("structure", "values", None)
@@ -97,15 +99,24 @@ _CACHE_SIZE = 64
 
 
 def _structure(
-    leaves: list[torch.Tensor], names: Callable[[], list[str]], key: Any, sharding: Optional[tuple[str, ...]] = None
+    leaves: list[torch.Tensor],
+    names: Callable[[], list[str]],
+    key: Any,
+    sharding: Optional[tuple[str, ...]] = None,
+    signature: Optional[_facts.Signature] = None,
 ) -> bytes:
-    """The digest of the leaves' paths, shapes and dtypes (and sharding), cached under ``key``."""
-    layout = tuple((leaf.shape, leaf.dtype) for leaf in leaves)
+    """The digest of the leaves' paths, shapes and dtypes (and sharding), cached under ``key``.
+
+    ``signature``: the leaves' `avgfn._round.facts.Signature`, when the caller has it.
+    """
+    if signature is None:
+        signature = _facts.facts(leaves).signature if leaves else ()
+    layout = signature
     full = None if key is None else (key, layout, sharding)
     cached = None if full is None else _STRUCTURES.get(full)
     if cached is None:
         extra = sharding or ("",) * len(leaves)
-        entries = [(name, f"{tuple(s)} {d}{x}") for name, (s, d), x in zip(names(), layout, extra)]
+        entries = [(name, f"{tuple(s)} {d}{x}") for name, (s, d, _), x in zip(names(), layout, extra)]
         cached = hashlib.blake2b(repr(entries).encode(), digest_size=8).digest()
         if full is not None:
             if len(_STRUCTURES) >= _CACHE_SIZE:
@@ -124,11 +135,13 @@ def start_round(
     refused: str = "",
     sharding: Optional[tuple[str, ...]] = None,
     flags: Optional[Sequence[int]] = None,
-) -> _types.Agreement:
+    layout: Optional[_predicted.Layout] = None,
+    signature: Optional[_facts.Signature] = None,
+) -> Any:
     """Begin the check that every replica averages the same leaves at the same ``step``.
 
     ``wire`` describes what decides the round's collectives besides the
-    leaves (the round options: buckets, wire dtype, health exchange); it is
+    leaves (the round options: buckets, wire dtype, health exchange, devices); it is
     part of the digest, so replicas built with different options raise
     instead of exchanging buffers that do not match. ``refused`` says why
     this replica refuses the round (a local check failed): its peers then
@@ -139,10 +152,16 @@ def start_round(
     round's health flags) travel with the check when the group can carry
     them (`avgfn._core.types.carries_flags()`). ``wait()`` on the result
     raises on every replica unless all agree.
+
+    ``layout``: the round's agreement may start with its data
+    (`avgfn._round.predicted`); when the group's history predicts exactly
+    that round, the result is a [`Predicted`][avgfn._round.predicted.Predicted]
+    round, which the engine starts after its data. On a group that keeps a
+    history, every call takes part in the collective the history predicts.
     """
     if _types.group_of(reduce) is None or torch.compiler.is_compiling() or (leaves and traced(leaves[0])):
         return _types.AGREED  # no peers, or traced: a host-side digest cannot run in the graph
-    structure = _structure(leaves, names, key, sharding)
+    structure = _structure(leaves, names, key, sharding, signature)
     at = -1 if step is None else step
     digest = hashlib.blake2b(
         structure + at.to_bytes(8, "little", signed=True) + wire.encode() + refused.encode(), digest_size=8
@@ -157,4 +176,5 @@ def start_round(
         head += [("<round>", wire)] if wire else []
         return head + ([("<refused>", refused)] if refused else []) + described
 
-    return _types.start_agree(reduce, digest, entries, flags)
+    gate = _predicted.start(reduce, layout, digest, entries, flags)
+    return _types.start_agree(reduce, digest, entries, flags) if gate is None else gate

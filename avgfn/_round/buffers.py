@@ -33,10 +33,15 @@ import torch
 from avgfn._core import types as _types
 from avgfn._core.traced import traced
 from avgfn._core.types import Pending, Reduce
+from avgfn._round import facts as _facts
+from avgfn._round import predicted as _predicted
 from avgfn._round.options import Round
 
 _SMALL = 1 << 16
 """Below this many elements per leaf on average, a round packs with one cat."""
+
+_CHUNK = 1 << 20
+"""The most elements `Buffers.divide_into()` computes at a time."""
 
 _unflatten: Optional[Callable[[torch.Tensor, list[torch.Tensor]], Any]]
 try:  # one C++ call makes every leaf's view of a flat buffer (DDP uses it too)
@@ -46,21 +51,6 @@ except ImportError:  # pragma: no cover - a torch without it takes the loop
 
 # A bucket is a list of pieces (leaf index, first element, end element).
 Piece = tuple[int, int, int]
-
-
-def compute_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
-    """The dtype the mean is taken in: the promoted dtype of ``leaves``.
-
-    This is the dtype ``torch.cat`` gives the flat buffer in torch's
-    ``average_parameters``. Integer or bool leaves alone promote further to the
-    default floating dtype, so their mean is not truncated before the cast back.
-    """
-    dtype = leaves[0].dtype
-    for leaf in leaves[1:]:
-        dtype = torch.promote_types(dtype, leaf.dtype)
-    if not (dtype.is_floating_point or dtype.is_complex):
-        dtype = torch.promote_types(dtype, torch.get_default_dtype())
-    return dtype
 
 
 def check_result(result: Any, buf: torch.Tensor) -> torch.Tensor:
@@ -182,21 +172,24 @@ class Buffers:
         dtype: torch.dtype,
         residuals: Optional[list[Optional[torch.Tensor]]],
         watch: Any,
+        facts: Optional[_facts.Facts] = None,
     ) -> None:
         self.leaves = leaves
+        self.facts = _facts.facts(leaves) if facts is None else facts
         self.reduce = reduce
         self.watch = watch
         self.dtype = dtype
         self.wire_dtype = rnd.comm_dtype or dtype
-        self.flats = [leaf.detach().reshape(-1) for leaf in leaves]
+        with torch.no_grad():  # views that autograd does not track (the round runs without it)
+            self.flats = [leaf.reshape(-1) for leaf in leaves]
         self.device = leaves[0].device
         self.feedback = residuals is not None and rnd.comm_dtype is not None
-        itemsize = torch.empty((), dtype=self.wire_dtype).element_size()
+        itemsize = self.wire_dtype.itemsize
         self.capacity = None if rnd.bucket_bytes is None else max(1, rnd.bucket_bytes // 2 // itemsize)
         self.donate = rnd.donate
         self.tiled: Optional[torch.Tensor] = None
         if self.donate and self.capacity is None and not self.feedback:
-            whole = plan_buckets([f.numel() for f in self.flats], None)[0]
+            whole = plan_buckets(self.facts.numels, None)[0]
             # Not one storage yet: average into one fresh buffer and hand back
             # views of it, so that the next donated round is free of copies.
             self.tiled = tiled(self.flats, whole, self.wire_dtype)
@@ -208,7 +201,9 @@ class Buffers:
             self.residuals = [None if r is None else r.reshape(-1) for r in residuals]
             self.new_res = [None if r is None else torch.empty_like(r) for r in self.residuals]
         self.outs: list[Any] = self.flats if self.donate else [None] * len(leaves)
+        self.shaped = False  # outs are views shaped as the leaves, of their dtypes
         self.pool: list[torch.Tensor] = []
+        self.scratch: Optional[torch.Tensor] = None  # of `divide_into()`
         # A Reduce that divides, then sums lets the packing copy do the division:
         # torch.div(src, divisor, out=dst). On the exact paths that is only done
         # where src already has the buffer's dtype (the bits of copy, then
@@ -228,8 +223,12 @@ class Buffers:
             self.pool[slot] = torch.empty(n, dtype=self.wire_dtype, device=self.device)
         return self.pool[slot][:n]
 
-    def pack(self, bucket: list[Piece], slot: int) -> tuple[torch.Tensor, bool]:
-        """The bucket's buffer, and whether it is the donated storage itself."""
+    def pack(self, bucket: list[Piece], slot: int, extra: int = 0) -> tuple[torch.Tensor, bool]:
+        """The bucket's buffer, and whether it is the donated storage itself.
+
+        ``extra``: elements left free after the data (a staged buffer only;
+        the buffer returned holds them).
+        """
         if self.donate and not self.feedback:
             whole = self.tiled is not None and len(bucket) == len(self.flats)
             view = self.tiled if whole else tiled(self.flats, bucket, self.wire_dtype)
@@ -240,14 +239,15 @@ class Buffers:
         if self.plain:
             buf = torch.cat(self.sources(bucket))
             return (buf if buf.dtype == self.wire_dtype else buf.to(self.wire_dtype)), False
-        n = sum(hi - lo for _, lo, hi in bucket)
-        buf = self.staging(n, slot)
+        n = self.facts.count if self.capacity is None else sum(hi - lo for _, lo, hi in bucket)
+        full = self.staging(n + extra, slot)
+        buf = full[:n] if extra else full
         if self.fused and self.residuals is None and self.wire_dtype == self.dtype and n < _SMALL * len(bucket):
             # Many small leaves: one cat and one division cost fewer calls than
             # a division per leaf (the same bits: cat, then divide, is torch's).
             torch.cat(self.sources(bucket), out=buf)
             buf.div_(self.by)
-            return buf, False
+            return full, False
         o = 0
         for i, lo, hi in bucket:
             src, dst = self.flats[i][lo:hi], buf[o : o + hi - lo]
@@ -256,27 +256,50 @@ class Buffers:
                 value = src.to(self.dtype) + residual[lo:hi]
                 dst.copy_(value)
                 self.new_res[i][lo:hi] = value - dst.to(value.dtype)  # type: ignore[index]
-            elif self.fused and (src.dtype == self.wire_dtype or self.wire_dtype != self.dtype):
+            elif self.fused and src.dtype == self.wire_dtype:
                 torch.div(src, self.by, out=dst)
+            elif self.fused and self.wire_dtype != self.dtype:
+                self.divide_into(src, dst)
             else:
                 dst.copy_(src)
                 if self.fused:
                     dst.div_(self.by)
             o += hi - lo
-        return buf, False
+        return full, False
+
+    def divide_into(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """``dst = src / divisor``, computed in ``src``'s dtype and rounded once to ``dst``'s.
+
+        The bits of ``torch.div(src, divisor, out=dst)``, which for a narrower
+        ``dst`` allocates a temporary as large as ``src`` at every call (on a
+        large model, fresh memory the kernel must map): here the quotient goes
+        through one scratch buffer of at most `_CHUNK` elements, reused.
+        """
+        n = src.numel()
+        scratch = self.scratch
+        if scratch is None or scratch.dtype != src.dtype or scratch.numel() < min(n, _CHUNK):
+            scratch = self.scratch = torch.empty(min(max(n, 1), _CHUNK), dtype=src.dtype, device=self.device)
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            part = scratch[: hi - lo]
+            torch.div(src[lo:hi], self.by, out=part)
+            dst[lo:hi].copy_(part)
 
     def sources(self, bucket: list[Piece]) -> list[torch.Tensor]:
         """The flat pieces a bucket packs (whole leaves are not sliced)."""
         flats = self.flats
+        if self.capacity is None:  # the one bucket holds every leaf whole
+            return flats
         return [flats[i] if lo == 0 and hi == flats[i].numel() else flats[i][lo:hi] for i, lo, hi in bucket]
 
     def whole(self, bucket: list[Piece], result: torch.Tensor) -> bool:
         """Whether the bucket holds whole leaves of ``result``'s dtype, to be unflattened at once."""
         if _unflatten is None or self.donate or len(bucket) != len(self.leaves) or traced(result):
             return False
-        leaves = self.leaves
-        return all(
-            lo == 0 and hi == self.flats[i].numel() and leaves[i].dtype == result.dtype for i, lo, hi in bucket
+        if self.capacity is None:  # one bucket of whole leaves
+            return self.facts.uniform and self.facts.dtype == result.dtype
+        return all(lo == 0 and hi == self.flats[i].numel() for i, lo, hi in bucket) and all(
+            leaf.dtype == result.dtype for leaf in self.leaves
         )
 
     def start(self, buf: torch.Tensor) -> Pending:
@@ -300,6 +323,7 @@ class Buffers:
             # Each leaf's view of the result, shaped as the leaf, in one call.
             assert _unflatten is not None
             self.outs = list(_unflatten(result, self.leaves))
+            self.shaped = True
             return
         pieces = result.split([hi - lo for _, lo, hi in bucket])
         for (i, lo, hi), piece in zip(bucket, pieces):
@@ -321,7 +345,7 @@ class Buffers:
         """
         with torch.no_grad():
             in_flight: deque[tuple[list[Piece], torch.Tensor, bool, Pending]] = deque()
-            for k, bucket in enumerate(plan_buckets([f.numel() for f in self.flats], self.capacity)):
+            for k, bucket in enumerate(plan_buckets(self.facts.numels, self.capacity)):
                 if len(in_flight) == 2:
                     self.finish(*in_flight.popleft())
                 buf, in_place = self.pack(bucket, k % 2)
@@ -330,11 +354,40 @@ class Buffers:
                 in_flight.append((bucket, buf, in_place, self.start(buf)))
             while in_flight:
                 self.finish(*in_flight.popleft())
-            results = [self.result(i, leaf) for i, leaf in enumerate(self.leaves)]
+            results = self.results()
         new_res = self.new_res
         if new_res is not None:
             new_res = [None if r is None else r.view(leaf.shape) for r, leaf in zip(new_res, self.leaves)]
         return results, new_res
+
+    def run_predicted(self, predicted: Any) -> Optional[list[torch.Tensor]]:
+        """The round in one collective, its agreement's check appended (`avgfn._round.predicted`).
+
+        Returns the averaged leaves, or ``None`` when the check did not pass
+        on every replica: then nothing of the reduced buffer is used.
+        """
+        assert self.fused and not self.donate and self.capacity is None and self.residuals is None
+        bucket = plan_buckets(self.facts.numels, None)[0]
+        n = self.facts.count
+        with torch.no_grad():
+            full, _ = self.pack(bucket, 0, _predicted.CHECK)
+            full[n:] = _predicted.block(predicted.digest, full.dtype, full.device)
+            try:
+                summed = check_result(_types.settle(self.start(full).wait()), full)
+            except BaseException:
+                predicted.history.forget()
+                raise
+            if not _predicted.passed(summed[n:], predicted.digest):
+                return None
+            predicted.done()
+            self.finish(bucket, full[:n], False, _types.Done(summed[:n]))
+            return self.results()
+
+    def results(self) -> list[torch.Tensor]:
+        """Every leaf averaged (see `result()`)."""
+        if self.shaped and not any(leaf.requires_grad for leaf in self.leaves):
+            return self.outs
+        return [self.result(i, leaf) for i, leaf in enumerate(self.leaves)]
 
     def result(self, i: int, leaf: torch.Tensor) -> torch.Tensor:
         """Leaf ``i`` averaged: the donated tensor itself, or a view of the result."""

@@ -27,9 +27,11 @@ from avgfn._core.errors import AveragingError, PeerError, ReplicaMismatchError, 
 from avgfn._core.traced import batched, traced
 from avgfn._core.types import Params, Reduce
 from avgfn._round import agree as _agree
+from avgfn._round import facts as _facts
 from avgfn._round import health as _health
+from avgfn._round import predicted as _predicted
 from avgfn._round import sharded as _sharded
-from avgfn._round.buffers import Buffers, check_donatable, compute_dtype
+from avgfn._round.buffers import Buffers, check_donatable
 from avgfn._round.options import DEFAULT, Round
 
 Names = Callable[[], list[str]]
@@ -53,14 +55,21 @@ def _check_leaves(leaves: list[torch.Tensor], rnd: Round, names: Names) -> None:
 
 
 def _by_device(
-    leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, residuals: Any, watch: Any, gate: Any
-) -> tuple[list[torch.Tensor], Any, bool]:
+    leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, residuals: Any, watch: Any, gate: Any,
+    facts: _facts.Facts,
+) -> tuple[list[torch.Tensor], Any, bool]:  # fmt: skip
     """Average per device; also say whether any buffer wrote into the donated leaves.
 
     ``gate`` is the agreement check on the wire: waited for after the first
     buffer is packed, before any data collective starts.
     """
-    dtype = compute_dtype(leaves)
+    dtype = facts.dtype
+    if facts.device is not None:  # one device: one set of buffers, no regrouping
+        buffers = Buffers(leaves, reduce, rnd, dtype, residuals, watch, facts)
+        values, res = buffers.run(gate)
+        if residuals is not None and res is None:
+            res = [None] * len(leaves)
+        return values, res, buffers.donate
     groups: dict[torch.device, list[int]] = {}
     for i, leaf in enumerate(leaves):
         groups.setdefault(leaf.device, []).append(i)
@@ -78,6 +87,26 @@ def _by_device(
             if new_res is not None:
                 new_res[i] = None if res is None else res[j]
     return out, new_res, wrote
+
+
+def _move(
+    sent: list[torch.Tensor], group: Reduce, reduce: Reduce, rnd: Round, residuals: Any, watch: Any, gate: Any,
+    facts: _facts.Facts,
+) -> tuple[list[torch.Tensor], Any, bool, Any]:  # fmt: skip
+    """Move the round's data; also say whether it wrote into donated leaves, and the watch used.
+
+    A round whose check travels with its data (``gate`` is a
+    `avgfn._round.predicted.Predicted`) that does not pass it runs with its
+    agreement first: the agreement of ``group``, then the data.
+    """
+    if isinstance(gate, _predicted.Predicted):
+        done = Buffers(sent, reduce, rnd, facts.dtype, None, watch, facts).run_predicted(gate)
+        if done is not None:
+            return done, residuals, False, watch
+        _passed(gate.fallback(group), None)  # some replica disagrees, or did not expect this round
+        gate, watch = _types.AGREED, (None if watch is None else _health.Watch())
+    averaged, new_res, wrote = _by_device(sent, reduce, rnd, residuals, watch, gate, facts)
+    return averaged, new_res, wrote, watch
 
 
 def _passed(gate: _types.Agreement, refusal: Optional[Exception]) -> None:
@@ -205,10 +234,11 @@ def _reduce_local(
         except (TypeError, ValueError) as error:
             refusal = error
     limit = _wire_limit(rnd)
+    facts = _facts.facts(leaves) if leaves else None
     gate, carried = _agreement(
-        leaves, reduce, rnd, policy, exchange, refusal, limit, step, names, key, sharding, combine
+        leaves, reduce, rnd, policy, exchange, refusal, limit, step, names, key, sharding, combine, facts
     )
-    if not leaves:
+    if facts is None:
         return leaves, residuals
 
     def local_bad() -> list[str]:
@@ -227,7 +257,7 @@ def _reduce_local(
             sent_res = [None if r is None else _zero_unless(plan.mask, r) for r in residuals]
     watch = _health.Watch() if plan.check and not traced(leaves[0]) else None
     try:
-        averaged, new_res, wrote = _by_device(sent, plan.reduce, rnd, sent_res, watch, gate)
+        averaged, new_res, wrote, watch = _move(sent, reduce, plan.reduce, rnd, sent_res, watch, gate, facts)
     except PeerError as error:
         raise (_donated_failure(error) if rnd.donate else error) from error
     if plan.mask is not None:
@@ -257,6 +287,7 @@ def _agreement(
     leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, policy: str, exchange: bool,
     refusal: Optional[Exception], limit: Optional[float], step: Optional[int], names: Names, key: Any,
     sharding: Optional[tuple[str, ...]], combine: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    facts: Optional[_facts.Facts],
 ) -> tuple[Any, Optional[tuple[bool, list[int]]]]:  # fmt: skip
     """Start the round's agreement; wait for it when nothing may move before it passed.
 
@@ -275,10 +306,18 @@ def _agreement(
         if _types.carries_flags(reduce):
             local = _health.local_health(leaves, limit, combine)
     # also with no leaf: the peers must learn that this replica averages nothing
-    wire = f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}"
+    devices = 0 if facts is None else 1 if facts.device is not None else len({leaf.device for leaf in leaves})
+    wire = f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}, devices={devices}"
     refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
     flags = None if local is None else [int(not local[0]), int(not local[1])]
-    gate = _agree.start_round(leaves, reduce, step, names, key, wire, refused, sharding, flags)
+    layout = None
+    if facts is not None and refusal is None and sharding is None and rnd.comm_dtype is None:
+        if not (exchange or rnd.donate or rnd.bucket_bytes is not None):  # one plain collective
+            layout = _predicted.layout(facts, reduce)
+    signature = None if facts is None else facts.signature
+    gate = _agree.start_round(leaves, reduce, step, names, key, wire, refused, sharding, flags, layout, signature)
+    if isinstance(gate, _predicted.Predicted):  # its check travels with its data
+        return gate, None
     if not (refusal is not None or not leaves or exchange or rnd.donate):
         return gate, None
     _passed(gate, refusal)  # nothing may move, nor a donated leaf be written, before the check passed

@@ -123,27 +123,40 @@ def _roomy(values: Optional[torch.Tensor], leaves: list[torch.Tensor], limit: Op
 
 
 class Watch:
-    """Collects the extremes of a round's reduced buffers, to check them at once.
+    """Collects a cheap finiteness test of a round's reduced buffers, to check them at once.
 
-    The eager ``"raise"`` check: one read of each buffer and a single
-    host sync at the end (`finite()`), instead of a pass per leaf.
+    The eager ``"raise"`` check: one read of each buffer and a single host
+    sync at the end (`finite()`), instead of a pass per leaf. The test is a
+    sum (the cheapest read of a buffer): a NaN or an infinity makes it non-finite.
+    A sum of finite values can overflow too, so a buffer whose sum is not
+    finite is judged again by its extremes before the round is refused.
     """
 
-    __slots__ = ("extremes",)
+    __slots__ = ("buffers", "sums")
 
     def __init__(self) -> None:
-        self.extremes: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
+        self.sums: list[torch.Tensor] = []
 
     def add(self, buffer: torch.Tensor) -> None:
-        """Note the extremes of one reduced buffer."""
-        if buffer.numel() and (buffer.is_floating_point() or buffer.is_complex()):
-            self.extremes.append(_extremes(buffer))
+        """Note one reduced buffer."""
+        if not buffer.numel() or not (buffer.is_floating_point() or buffer.is_complex()):
+            return
+        self.buffers.append(buffer)
+        if buffer.is_complex() or buffer.dtype == torch.float16:  # a float16 sum overflows too soon
+            self.sums.append(_extremes(buffer))
+        else:  # (bfloat16 sums in float32 and has its range)
+            self.sums.append(buffer.detach().sum().reshape(1).to(torch.float64))
 
     def finite(self) -> bool:
         """Whether every buffer noted so far was finite."""
-        if not self.extremes:
+        if not self.sums:
             return True
-        return bool(torch.isfinite(torch.cat([e.to("cpu") for e in self.extremes])).all())
+        sums = torch.cat(self.sums).to("cpu")
+        if bool(torch.isfinite(sums).all()):
+            return True
+        over = [buf for buf, ok in zip(self.buffers, torch.isfinite(sums).tolist()) if not ok]
+        return bool(torch.isfinite(torch.cat([_extremes(buf).to("cpu") for buf in over])).all())
 
 
 class Plan:

@@ -1,0 +1,71 @@
+"""What a round needs to know about its leaves' layout, read once per round.
+
+Every part of a round asks the same questions of its leaves: how many
+elements each holds, the dtype their mean is taken in, whether they share
+one device. On a model of many small tensors each pass over the leaves
+costs as much as the arithmetic, so `facts()` reads each leaf's shape, dtype
+and device once and keeps the answers for a layout it has seen before.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+Signature = tuple[tuple[torch.Size, torch.dtype, torch.device], ...]
+
+
+class Facts:
+    """The layout of a round's leaves.
+
+    Attributes:
+      signature: ``(shape, dtype, device)`` of each leaf.
+      numels: the element count of each leaf.
+      count: their sum.
+      dtype: the dtype the mean is taken in: the promoted dtype of the leaves, as
+        ``torch.cat`` gives torch's ``average_parameters`` its flat buffer
+        (integer or bool leaves alone: the default float dtype, so that their
+        mean is not truncated before the cast back).
+      uniform: every leaf has that dtype.
+      device: the device of every leaf, or ``None`` when they are on several.
+    """
+
+    __slots__ = ("signature", "numels", "count", "dtype", "uniform", "device")
+
+    def __init__(self, signature: Signature) -> None:
+        self.signature = signature
+        self.numels = [math.prod(shape) for shape, _, _ in signature]
+        self.count = sum(self.numels)
+        self.dtype = promoted({dtype for _, dtype, _ in signature}, signature[0][1])
+        self.uniform = all(dtype == self.dtype for _, dtype, _ in signature)
+        devices = {device for _, _, device in signature}
+        self.device: Optional[torch.device] = signature[0][2] if len(devices) == 1 else None
+
+
+def promoted(dtypes: set[torch.dtype], first: torch.dtype) -> torch.dtype:
+    """The promoted dtype of ``dtypes``; integer or bool alone promote to the default float."""
+    dtype = first
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    if not (dtype.is_floating_point or dtype.is_complex):
+        dtype = torch.promote_types(dtype, torch.get_default_dtype())
+    return dtype
+
+
+_KNOWN: dict[Signature, Facts] = {}
+_KEEP = 64
+
+
+def facts(leaves: list[torch.Tensor]) -> Facts:
+    """The `Facts` of ``leaves`` (at least one), kept for layouts seen before."""
+    signature = tuple([(leaf.shape, leaf.dtype, leaf.device) for leaf in leaves])
+    if torch.compiler.is_compiling():  # a traced graph must not guard on this cache
+        return Facts(signature)
+    found = _KNOWN.get(signature)
+    if found is None:
+        if len(_KNOWN) >= _KEEP:
+            _KNOWN.clear()
+        found = _KNOWN[signature] = Facts(signature)
+    return found

@@ -1,0 +1,244 @@
+"""Rounds a group's history predicts carry their agreement in the data, on real gloo groups.
+
+Once a group's past rounds predict the next one (the same layout twice in a
+row), a plain round in a group of two appends its agreement's check to the
+data: one collective instead of two, with the bits of the round whose
+agreement comes first. Replicas that disagree at such a round (another
+selection, another step, other options, nothing to average) must still all
+raise `ReplicaMismatchError` before any value reaches the caller, and the
+group must go on working. Larger groups keep the agreement first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.model_averaging import utils as torch_utils
+
+import avgfn
+from _dist import run_world
+from avgfn import collectives
+from avgfn._round import predicted as _predicted
+
+
+def _counted(fn: Any) -> tuple[Any, list[int]]:
+    """Run ``fn``; also return the element counts of the all-reduces it started, in order."""
+    sizes: list[int] = []
+    original = dist.all_reduce
+
+    def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        out = fn()
+    finally:
+        dist.all_reduce = original
+    return out, sizes
+
+
+def _params(rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return {"w": torch.randn(40, 3, generator=g), "b": torch.randn(3, generator=g), "s": torch.randn((), generator=g)}
+
+
+def _outcome(fn: Any, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    before = {k: v.clone() for k, v in params.items()}
+    try:
+        fn()
+        error, message = None, ""
+    except avgfn.AveragingError as exc:
+        error, message = type(exc).__name__, str(exc)
+    unchanged = all(torch.equal(params[k].view(torch.int32), before[k].view(torch.int32)) for k in params)  # bits: NaN too
+    return {"error": error, "message": message, "unchanged": unchanged}
+
+
+def _torch_mean(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    copies = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    torch_utils.average_parameters(iter(copies), None)
+    return {k: c.detach() for k, c in zip(params, copies)}
+
+
+def _healthy(rank: int, world: int) -> dict[str, Any]:
+    reduce = collectives.all_reduce_mean(timeout=60)
+    avg = avgfn.periodic(1, reduce=reduce)
+    params = _params(rank)
+    state = avg.init(params)
+    calls, equal = [], []
+    for step in range(6):
+        (out, state), n = _counted(lambda: avg.update(params, state, step))
+        calls.append("one" if n == [124 + _predicted.CHECK] else "agreement first" if n == [4, 124] else n)
+        expected = _torch_mean(params)
+        equal.append(all(torch.equal(out[k], expected[k]) for k in params))
+        params = {k: v + (rank + 1) * 0.25 for k, v in out.items()}
+    return {"calls": calls, "equal": equal}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_predicted_round_is_one_collective_with_the_bits_of_torch(world):
+    for rank, got in enumerate(run_world(_healthy, world, timeout=240)):
+        assert got["equal"] == [True] * 6, (rank, got)
+        # three rounds to learn the layout, then one collective (a group of two only)
+        expected = ["agreement first"] * 3 + (["one"] * 3 if world == 2 else ["agreement first"] * 3)
+        assert got["calls"] == expected, (rank, got)
+
+
+def _disagreements(rank: int, world: int) -> dict[str, Any]:
+    reduce = collectives.all_reduce_mean(timeout=60)
+    avg = avgfn.periodic(1, reduce=reduce)
+    params = _params(rank)
+    state = avg.init(params)
+    found: dict[str, Any] = {}
+
+    def warm() -> None:
+        for step in range(4):
+            avg.update(params, state, step)
+
+    cases = {
+        # a selection of another size (torch's filter, a parameter unused on one rank)
+        "selection": lambda: avgfn.periodic(
+            1, reduce=reduce, where=(lambda p: True) if rank == 0 else (lambda p: p.ndim > 0)
+        ).update(params, state, 9),
+        # the same number of elements, other leaves
+        "same size": lambda: avgfn.average(
+            {"x": params["w"][:, :2]} if rank == 0 else {"y": params["w"][:, 1:]}, reduce
+        ),
+        "step": lambda: avg.update(params, state, 9 + rank),
+        "options": lambda: avgfn.periodic(1, reduce=reduce, round=avgfn.Round(donate=rank == 1)).update(
+            {k: v.clone() for k, v in params.items()}, state, 9
+        ),
+        "nothing": lambda: avgfn.periodic(
+            1, reduce=reduce, where=(lambda p: True) if rank == 0 else (lambda p: False)
+        ).update(params, state, 9),
+    }
+    for name, case in cases.items():
+        warm()
+        _, before = _counted(lambda: avg.update(params, state, 5))
+        found[name] = _outcome(case, params)
+        found[name]["predicted before"] = before == [124 + _predicted.CHECK]
+        # the group goes on: an agreed round after the refusal has the right mean
+        out, _ = avg.update(params, state, 6)
+        found[name]["after"] = all(torch.equal(out[k], _torch_mean(params)[k]) for k in params)
+    return found
+
+
+@pytest.fixture(scope="module")
+def disagreements() -> list[dict[str, Any]]:
+    return run_world(_disagreements, 2, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["selection", "same size", "step", "options", "nothing"])
+def test_replicas_that_disagree_at_a_predicted_round_all_raise_and_nothing_changes(disagreements, case):
+    for rank, found in enumerate(disagreements):
+        got = found[case]
+        assert got["predicted before"], (rank, got)
+        assert got["error"] == "ReplicaMismatchError" and got["unchanged"] and got["after"], (rank, got)
+
+
+def test_the_mismatch_message_names_what_differs(disagreements):
+    assert "step 9, rank 1 at step 10" in disagreements[0]["step"]["message"]
+    assert "rank 1 has no leaf ['w']" in disagreements[0]["selection"]["message"] or "['s']" in (
+        disagreements[0]["selection"]["message"]
+    )
+
+
+def _alternating(rank: int, world: int) -> dict[str, Any]:
+    """Two averagers of different sizes take turns on one group, another kind of round between."""
+    reduce = collectives.all_reduce_mean(timeout=60)
+    small, large = _params(rank), {"w": torch.randn(300, generator=torch.Generator().manual_seed(rank + 5))}
+    avg = avgfn.periodic(1, reduce=reduce)
+    weighted = avgfn.weighted(1, reduce=reduce, weight=float(rank + 1))
+    s_state, l_state, w_state = avg.init(small), avg.init(large), weighted.init(small)
+    calls, equal = [], []
+    for step in range(8):
+        for tree, state in ((small, s_state), (large, l_state)):
+            (out, _), n = _counted(lambda: avg.update(tree, state, step))
+            calls.append(len(n) == 1)  # one collective
+            expected = _torch_mean(tree)
+            equal.append(all(torch.equal(out[k], expected[k]) for k in tree))
+        if step == 5:  # a weighted round between: its agreement takes part in the predicted collective
+            out, w_state = weighted.update(small, w_state, step)
+            weights = [float(r + 1) for r in range(world)]
+            trees = [_params(r) for r in range(world)]
+            for k in small:
+                expected_w = sum(w * t[k] for w, t in zip(weights, trees)) / sum(weights)
+                equal.append(torch.allclose(out[k], expected_w, atol=1e-6))
+    return {"calls": calls, "equal": equal}
+
+
+def test_rounds_that_take_turns_are_predicted_and_another_kind_of_round_between_is_taken_part_in():
+    for rank, got in enumerate(run_world(_alternating, 2, timeout=240)):
+        assert all(got["equal"]), (rank, got)
+        assert got["calls"][:5] == [False] * 5 and all(got["calls"][5:12]), (rank, got)  # learned after three turns
+        # after the weighted round the small tree's turn is relearned, the large one's is kept
+        assert got["calls"][-4:] == [False, True, False, True], (rank, got)
+
+
+def _nan(rank: int, world: int) -> dict[str, Any]:
+    reduce = collectives.all_reduce_mean(timeout=60)
+    avg = avgfn.periodic(1, reduce=reduce)
+    params = _params(rank)
+    state = avg.init(params)
+    for step in range(4):
+        avg.update(params, state, step)
+    sick = {k: v.clone() for k, v in params.items()}
+    if rank == 1:
+        sick["b"][1] = float("nan")
+    found = _outcome(lambda: avg.update(sick, state, 4), sick)
+    out, _ = avg.update(params, state, 5)
+    found["after"] = all(torch.equal(out[k], _torch_mean(params)[k]) for k in params)
+    return found
+
+
+def test_a_nan_at_a_predicted_round_raises_everywhere_naming_the_leaf():
+    for rank, got in enumerate(run_world(_nan, 2, timeout=240)):
+        assert got["error"] == "NonFiniteError" and "['b']" in got["message"], (rank, got)
+        assert got["unchanged"] and got["after"], (rank, got)
+
+
+def test_the_history_predicts_a_layout_seen_twice_in_a_row():
+    history = _predicted.History()
+    cpu = torch.device("cpu")
+    a, b = (10, torch.float32, cpu), (20, torch.float32, cpu)
+    assert history.predicted() is None
+    history.record(a)
+    history.record(a)
+    assert history.predicted() is None  # a -> a seen once
+    history.record(a)
+    assert history.predicted() == a
+    history.record(b)  # a -> b breaks the streak
+    history.record(a)
+    assert history.predicted() is None
+    history.record(None)  # a round of another kind
+    history.record(None)
+    history.record(None)
+    assert history.predicted() is None  # such rounds are never predicted
+    history.refused()
+    assert history.predicted() is None
+    history.forget()
+    assert history.last is None and not history.successors
+
+
+
+
+def test_the_check_passes_only_when_both_replicas_sent_the_same_digest():
+    cpu = torch.device("cpu")
+    digest = bytes([0, 1, 17, 200, 255, 3, 9, 128])
+    mine = _predicted.block(digest, torch.float32, cpu)
+    assert _predicted.passed(mine + mine, digest)
+    other = bytes([0, 1, 17, 200, 255, 3, 9, 127])
+    theirs = _predicted.block(other, torch.float32, cpu)
+    assert not _predicted.passed(mine + theirs, digest) and not _predicted.passed(mine + theirs, other)
+    # bytes off by +1 and -1 have the same sum; their squares tell them apart
+    up, down, middle = bytes([5] * 8), bytes([3] * 8), bytes([4] * 8)
+    pair = _predicted.block(up, torch.float32, cpu) + _predicted.block(down, torch.float32, cpu)
+    assert not _predicted.passed(pair, middle)
+    declined = torch.zeros(_predicted.CHECK)
+    declined[-1] = 1
+    assert not _predicted.passed(mine + declined, digest)
+    top = bytes([255] * 8)
+    assert _predicted.passed(_predicted.block(top, torch.float32, cpu) * 2, top)

@@ -4,15 +4,18 @@ Usage:
     python benchmarks/averaging.py [--params N] [--world W] [--leaves L] [--rounds R] [--json]
 
 Spawns W gloo processes on 127.0.0.1. In one run, side by side (round-robin,
-so every variant sees the same machine noise), each process times R averaging
-rounds of every variant below after a warm-up, and rank 0 prints the medians:
+so every variant sees the same machine noise, in an order that turns every
+round, so that none always runs right after the same other one), each
+process times R averaging rounds of every variant below after a warm-up, and
+rank 0 prints the medians. Each avgfn variant has its own Reduce and its own
+params, as a training job has one averager over its group:
 
   torch         torch's model_averaging.utils.average_parameters
   floor         one bare dist.all_reduce of a buffer of the same bytes
   floor-bf16    one bare dist.all_reduce of the same count of bf16 values
   avgfn         the default pure update at an averaging step
   avgfn-no-agree  the default update with Round(agree=False): no per-round check
-  agree         the per-round agreement check alone (one all-reduce of 2 int64)
+  agree         the per-round agreement check alone (one all-reduce of 4 int64)
   avgfn-donate  update(..., donate=True): params written in place
   avgfn-bucket  donate=True with bucket_bytes (async all-reduce per bucket)
   avgfn-bf16    comm_dtype=torch.bfloat16 (pure), error against fp32 reported
@@ -102,34 +105,33 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
         timeout=datetime.timedelta(seconds=600),
     )
     sizes = _shapes(args.params, args.leaves)
-    reduce = avgfn.collectives.all_reduce_mean()
     torch_params = [torch.nn.Parameter(t) for t in _make_params(sizes, rank)]
-    pure = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
-    donated = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
-    bucketed = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
-    bf16_donated = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
-    bf16_bucketed = {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
     floor_buf = torch.randn(args.params)
     floor_bf16 = torch.randn(args.params).to(torch.bfloat16)
     bucket_bytes = args.bucket_mb * MB
 
-    avg = avgfn.periodic(2, reduce=reduce)
-    avg_donate = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(donate=True))
-    avg_bucket = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(donate=True, bucket_bytes=bucket_bytes))
-    avg_bf16 = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16))
-    avg_bf16_donate = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16, donate=True))
-    avg_bf16_bucket = avgfn.periodic(
-        2, reduce=reduce, round=avgfn.Round(comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes)
-    )
-    avg_no_agree = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(agree=False))
+    def tree() -> dict:
+        return {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
+
+    # Each avgfn variant has its own Reduce and its own params, as a training job
+    # has one averager with its group: the Reduce remembers the rounds it ran (a
+    # shared one would see the variants' rounds interleaved) and a tree shared by
+    # two variants would be warm in the cache for the second.
+    def averager(**options):
+        return avgfn.periodic(2, reduce=avgfn.collectives.all_reduce_mean(), round=avgfn.Round(**options))
+
+    avg = averager()
+    avg_donate = averager(donate=True)
+    avg_bucket = averager(donate=True, bucket_bytes=bucket_bytes)
+    avg_bf16 = averager(comm_dtype=torch.bfloat16)
+    avg_bf16_donate = averager(comm_dtype=torch.bfloat16, donate=True)
+    avg_bf16_bucket = averager(comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes)
+    avg_no_agree = averager(agree=False)
+    agree_reduce = avgfn.collectives.all_reduce_mean()
+    pure, pure_no_agree, pure_bf16 = tree(), tree(), tree()
     state = avg.init(pure)
 
-    holder = {
-        "donated": donated,
-        "bucketed": bucketed,
-        "bf16_donated": bf16_donated,
-        "bf16_bucketed": bf16_bucketed,
-    }
+    holder = {"donated": tree(), "bucketed": tree(), "bf16_donated": tree(), "bf16_bucketed": tree()}
     out = {}
 
     def run_torch():
@@ -145,10 +147,10 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
         out["pure"] = avg.update(pure, state, 0)[0]
 
     def run_no_agree():
-        out["pure"] = avg_no_agree.update(pure, state, 0)[0]
+        out["no_agree"] = avg_no_agree.update(pure_no_agree, state, 0)[0]
 
     def run_agree():
-        reduce.agree(b"\x01" * 8, lambda: [])
+        agree_reduce.agree(b"\x01" * 8, lambda: [])
 
     def run_donate():
         holder["donated"] = avg_donate.update(holder["donated"], state, 0)[0]
@@ -157,7 +159,7 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
         holder["bucketed"] = avg_bucket.update(holder["bucketed"], state, 0)[0]
 
     def run_bf16():
-        out["bf16"] = avg_bf16.update(pure, state, 0)[0]
+        out["bf16"] = avg_bf16.update(pure_bf16, state, 0)[0]
 
     def run_bf16_donate():
         holder["bf16_donated"] = avg_bf16_donate.update(holder["bf16_donated"], state, 0)[0]
@@ -182,11 +184,12 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     memory: dict = {}
     memory_world = os.environ.get("AVGFN_BENCH_MEMORY") == "1"
     rounds = 3 if memory_world else args.rounds
+    names = list(variants)
     for r in range(args.warmup + rounds):
-        for name, fn in variants.items():
-            _measure(fn, timings if r >= args.warmup else {}, memory if r >= args.warmup else {}, name)
-            if name != "avgfn":
-                out.pop("pure", None)  # as a training loop drops the old params after a round
+        for j in range(len(names)):  # the order turns every round: no variant always follows the same one
+            name = names[(j + r) % len(names)]
+            _measure(variants[name], timings if r >= args.warmup else {}, memory if r >= args.warmup else {}, name)
+            out.clear()  # as a training loop drops the old params after a round
 
     if memory_world:
         if rank == 0:

@@ -306,12 +306,12 @@ class GroupMean:
         self.start_agree(digest, entries).wait()
 
     agree_in_data = True
-    """A round the group's history predicts may start its agreement right after its data.
+    """A round the group's history predicts may carry its agreement's check in its data.
 
     Every rank runs the same rounds through this object in the same order,
-    so the sizes of the next round's collectives can be predicted from the
-    past ones (see ``docs/round.md``): the data then goes first and the
-    agreement does not delay it.
+    so the size of the next round can be predicted from the past ones (see
+    ``docs/round.md``): in a group of two, such a round is one all-reduce of
+    its data and the check, instead of the check's all-reduce, then the data's.
     """
 
     agree_carries_flags = True

@@ -126,6 +126,19 @@ def test_bf16_on_the_wire():
         assert torch.allclose(out[k], exact[k], rtol=2**-7, atol=2**-7)
 
 
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_donation_on_a_narrower_wire_writes_back_into_the_donated_leaves(wire):
+    # the leaves can never be a buffer of the wire dtype: the round writes the
+    # mean into them (no fresh fp32 outputs each round), with the bits of the
+    # pure round on the same wire
+    expected = avgfn.average(_params(), peers_mean(PEER), round=avgfn.Round(comm_dtype=wire))
+    for params in (_params(), _params(flat=True)):
+        out = avgfn.average(params, peers_mean(PEER), round=avgfn.Round(comm_dtype=wire, donate=True))
+        for k in expected:
+            assert out[k] is params[k], k
+            assert torch.equal(out[k], expected[k]), k
+
+
 def test_error_feedback_keeps_what_rounding_lost():
     avg = avgfn.periodic(2, reduce=lambda t: t, round=avgfn.Round(comm_dtype=torch.bfloat16, error_feedback=True))
     params = {"w": torch.full((4,), 1.0 + 2.0**-12), "i": torch.arange(2)}

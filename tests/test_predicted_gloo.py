@@ -242,3 +242,37 @@ def test_the_check_passes_only_when_both_replicas_sent_the_same_digest():
     assert not _predicted.passed(mine + declined, digest)
     top = bytes([255] * 8)
     assert _predicted.passed(_predicted.block(top, torch.float32, cpu) * 2, top)
+
+
+class _Watched(avgfn.ForwardingReduce):
+    """A wrapper that sees every tensor and passes it on unchanged."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.seen: list[int] = []
+
+    def observe(self, tensor: torch.Tensor, divided: bool) -> None:
+        self.seen.append(tensor.numel())
+
+
+class _WatchedInData(_Watched):
+    agree_in_data = True
+
+
+def _wrapped(rank: int, world: int) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for kind in (_Watched, _WatchedInData):
+        reduce = kind(collectives.all_reduce_mean(timeout=60))
+        avg = avgfn.periodic(1, reduce=reduce)
+        params = _params(rank)
+        state = avg.init(params)
+        for step in range(5):
+            (out, state), n = _counted(lambda: avg.update(params, state, step))
+        found[kind.__name__] = {"last": n, "equal": all(torch.equal(out[k], _torch_mean(params)[k]) for k in params)}
+    return found
+
+
+def test_a_wrapper_keeps_the_check_first_unless_it_says_it_passes_tensors_on():
+    for rank, got in enumerate(run_world(_wrapped, 2, timeout=240)):
+        assert got["_Watched"] == {"last": [4, 124], "equal": True}, (rank, got)
+        assert got["_WatchedInData"] == {"last": [124 + _predicted.CHECK], "equal": True}, (rank, got)

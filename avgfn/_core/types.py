@@ -115,10 +115,13 @@ class GroupReduce(Protocol):
       `agree()` would; the engine then packs its buffer while the check is
       on the wire. A group without it is checked with `agree()`.
     * optionally, a true ``agree_in_data``: every replica runs the engine's
-      rounds through this object in the same order, so that once its past
-      rounds predict the next one's size, the engine may start the data
-      collective first and the agreement right after it, and refuse the
-      result unless the agreement passes (`avgfn._round.predicted`).
+      rounds through this object in the same order, and ``start_sum()``
+      sums exactly the tensor it is given, so that once its past rounds
+      predict the next one's size, the engine may append the agreement's
+      check to the data and reduce both in one collective, refusing the
+      result unless the check passes (`avgfn._round.predicted`). A
+      `ForwardingReduce` does not forward it; a subclass that passes every
+      tensor on unchanged may set it.
     * ``commit()``: whether the group keeps the round that just completed;
       a group that votes on its rounds (a torchft quorum) may answer False,
       and the round is then refused with [`avgfn.RoundNotCommitted`][avgfn.RoundNotCommitted].

@@ -10,10 +10,11 @@ leaf's dtype: its inputs are never written. The options of a
   ``donate_argnums``) and must use the returned ones. When the selected
   leaves tile one storage in order (as the outputs of any round without
   buckets do), the Reduce runs on that storage directly and the same
-  tensors come back: no allocation, no copy. Otherwise, without buckets,
-  the round averages into one fresh buffer and returns views of it (so the
-  next round is free); with buckets, it stages each bucket and writes the
-  result back into the donated tensors.
+  tensors come back: no allocation, no copy. Otherwise, without buckets
+  and on an exact wire, the round averages into one fresh buffer and
+  returns views of it (so the next round is free); with buckets or a
+  narrower wire dtype, it stages the values and writes the result back
+  into the donated tensors.
 * ``bucket_bytes=N``: at most ``N`` bytes are staged at a time, in two
   buffers of ``N / 2``, so that one is packed while the other is on the wire
   (through the Reduce's asynchronous ``start`` when it has one).
@@ -188,10 +189,12 @@ class Buffers:
         self.capacity = None if rnd.bucket_bytes is None else max(1, rnd.bucket_bytes // 2 // itemsize)
         self.donate = rnd.donate
         self.tiled: Optional[torch.Tensor] = None
-        if self.donate and self.capacity is None and not self.feedback:
+        if self.donate and self.capacity is None and not self.feedback and self.wire_dtype == dtype:
             whole = plan_buckets(self.facts.numels, None)[0]
             # Not one storage yet: average into one fresh buffer and hand back
             # views of it, so that the next donated round is free of copies.
+            # (On a narrower wire the leaves can never be that buffer: the
+            # round stages it and writes the result back into them instead.)
             self.tiled = tiled(self.flats, whole, self.wire_dtype)
             self.donate = self.tiled is not None
         self.residuals = None

@@ -23,6 +23,14 @@ params, as a training job has one averager over its group:
   avgfn-bf16-bucket  bf16 on the wire, donated, staged in buckets
   off-step      update at a step where nothing is due (microseconds)
 
+Host CPU is the CPU time of the calling thread during a round (median): the
+work the round does on the host (packing, checks, unpacking), without the
+time gloo's own threads spend on the wire or the wait for the peer, which on
+this kind of machine move by more than the differences between variants.
+Faults are the thread's minor page faults during a round (median): each is a
+first touch of memory the process had not used yet (about 4 KiB), which glibc
+hands out for a large allocation unless it can reuse memory freed earlier.
+
 Peak extra memory is the rise of the process's peak RSS during one round
 (Linux: /proc/self/clear_refs resets the peak) above its RSS before the round.
 It is measured, as the largest over 3 rounds, in a second world started with MALLOC_MMAP_THRESHOLD_=1 MiB, so
@@ -37,6 +45,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -82,15 +91,25 @@ def _make_params(sizes: list[int], rank: int) -> list[torch.Tensor]:
     return [torch.randn(n, generator=g) for n in sizes]
 
 
-def _measure(fn, timings: dict, memory: dict, name: str) -> None:
+def _faults() -> int:
+    """Minor page faults of the calling thread so far (first touches of fresh memory)."""
+    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_minflt
+
+
+def _measure(fn, timings: dict, memory: dict, name: str, host: dict) -> None:
     dist.barrier()
     _reset_peak()
     before = _rss_kb("VmRSS")
+    f0 = _faults()
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     fn()
     elapsed = time.perf_counter() - t0
+    spent = time.thread_time() - c0
+    faults = _faults() - f0
     peak = _rss_kb("VmHWM")
     timings.setdefault(name, []).append(elapsed * 1e3)
+    host.setdefault(name, []).append((spent * 1e3, faults))
     memory.setdefault(name, []).append(max(0, peak - before) / 1024)
 
 
@@ -181,6 +200,7 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
         "avgfn-bf16-bucket": run_bf16_bucket,
     }
     timings: dict = {}
+    host: dict = {}
     memory: dict = {}
     memory_world = os.environ.get("AVGFN_BENCH_MEMORY") == "1"
     rounds = 3 if memory_world else args.rounds
@@ -188,7 +208,8 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     for r in range(args.warmup + rounds):
         for j in range(len(names)):  # the order turns every round: no variant always follows the same one
             name = names[(j + r) % len(names)]
-            _measure(variants[name], timings if r >= args.warmup else {}, memory if r >= args.warmup else {}, name)
+            timed = r >= args.warmup
+            _measure(variants[name], timings if timed else {}, memory if timed else {}, name, host if timed else {})
             out.clear()  # as a training loop drops the old params after a round
 
     if memory_world:
@@ -226,6 +247,8 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
                     "name": name,
                     "median_ms": round(med, 3),
                     "ratio_to_torch": round(med / torch_ms, 3),
+                    "host_cpu_ms": round(statistics.median(c for c, _ in host[name]), 3),
+                    "page_faults": int(statistics.median(f for _, f in host[name])),
                     "peak_extra_mb": None,
                     "params": args.params,
                     "world": world,
@@ -237,6 +260,8 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
                 "name": "off-step",
                 "median_ms": round(off_us / 1e3, 6),
                 "ratio_to_torch": round(off_us / 1e3 / torch_ms, 6),
+                "host_cpu_ms": None,
+                "page_faults": None,
                 "peak_extra_mb": 0.0,
                 "params": args.params,
                 "world": world,
@@ -286,10 +311,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"params={args.params:,} in {args.leaves} tensors, world={args.world}, "
           f"median of {args.rounds} rounds, bucket={args.bucket_mb} MiB")
-    print(f"{'name':<20}{'median ms':>12}{'x torch':>10}{'peak extra MiB':>16}")  # noqa: E501
+    print(f"{'name':<20}{'median ms':>12}{'x torch':>10}{'host cpu ms':>13}{'faults':>8}{'peak extra MiB':>16}")  # noqa: E501
     for row in rows:
         ms = f"{row['median_ms']:.3f}" if row["name"] != "off-step" else f"{extra['off_step_us']:.1f} us"
-        print(f"{row['name']:<20}{ms:>12}{row['ratio_to_torch']:>10.3f}{row['peak_extra_mb']:>16.1f}")
+        cpu = "" if row["host_cpu_ms"] is None else f"{row['host_cpu_ms']:.3f}"
+        faults = "" if row["page_faults"] is None else str(row["page_faults"])
+        print(f"{row['name']:<20}{ms:>12}{row['ratio_to_torch']:>10.3f}{cpu:>13}{faults:>8}{row['peak_extra_mb']:>16.1f}")
     print(f"bf16 on the wire: max abs error {extra['bf16_max_abs_error']:.3g} "
           f"(largest |param| {extra['max_abs_param']:.3g})")
 

@@ -312,7 +312,13 @@ class GroupMean:
     so the size of the next round can be predicted from the past ones (see
     ``docs/round.md``): in a group of two, such a round is one all-reduce of
     its data and the check, instead of the check's all-reduce, then the data's.
+    A subclass whose ``start_sum`` does not sum exactly the tensor it is given
+    (a compressing one) must set it to ``False``.
     """
+
+    def history_token(self) -> Any:
+        """The process group behind this Reduce: the history of its rounds restarts when it changes."""
+        return self._group()
 
     agree_carries_flags = True
     """`start_agree()` takes ``flags``: the round's health flags travel with the check."""

@@ -276,3 +276,113 @@ def test_a_wrapper_keeps_the_check_first_unless_it_says_it_passes_tensors_on():
     for rank, got in enumerate(run_world(_wrapped, 2, timeout=240)):
         assert got["_Watched"] == {"last": [4, 124], "equal": True}, (rank, got)
         assert got["_WatchedInData"] == {"last": [124 + _predicted.CHECK], "equal": True}, (rank, got)
+
+
+def _options_differ(rank: int, world: int) -> dict[str, Any]:
+    # the replicas' rounds differ only in donation; under "ignore" no health
+    # exchange tells them apart, but one of them can carry its check in its
+    # data and the other cannot: they must refuse together, not drift apart
+    reduce = collectives.all_reduce_mean(timeout=60)
+    rnd = avgfn.Round(nonfinite="ignore", donate=rank == 1, verify=None)
+    avg = avgfn.periodic(1, reduce=reduce, round=rnd)
+    params = _params(rank)
+    state = avg.init(params)
+    outcomes = []
+    for step in range(6):
+        fresh = {k: v.clone() for k, v in params.items()}
+        outcomes.append(_outcome(lambda: avg.update(fresh, state, step), fresh))
+    return {"outcomes": outcomes}
+
+
+def test_replicas_whose_rounds_run_other_collectives_refuse_every_round():
+    for rank, got in enumerate(run_world(_options_differ, 2, timeout=120)):
+        for outcome in got["outcomes"]:
+            assert outcome["error"] == "ReplicaMismatchError", (rank, outcome)
+            assert "donate=False" in outcome["message"] and "donate=True" in outcome["message"]
+            assert outcome["unchanged"], (rank, outcome)
+
+
+def _regrouped(rank: int, world: int, store: str) -> dict[str, Any]:
+    # rank 0 keeps its Reduce across a new default group; rank 1 starts afresh,
+    # as a process that was restarted does: rank 0's history must not outlive
+    # the group it was learned on
+    reduce = collectives.all_reduce_mean(timeout=60)
+    params = _params(rank)
+    avg = avgfn.periodic(1, reduce=reduce, round=avgfn.Round(verify=None))
+    state = avg.init(params)
+    for step in range(5):
+        avg.update(params, state, step)
+    dist.barrier()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if rank == 1:
+        reduce = collectives.all_reduce_mean(timeout=60)
+        avg = avgfn.periodic(1, reduce=reduce, round=avgfn.Round(verify=None))
+    calls, equal = [], []
+    for step in range(5, 10):
+        (out, state), n = _counted(lambda: avg.update(params, state, step))
+        calls.append(n)
+        equal.append(all(torch.equal(out[k], _torch_mean(params)[k]) for k in params))
+    return {"calls": calls, "equal": equal}
+
+
+def test_a_history_restarts_with_a_new_default_group(tmp_path):
+    for rank, got in enumerate(run_world(_regrouped, 2, str(tmp_path / "store"), timeout=120)):
+        assert got["equal"] == [True] * 5, (rank, got)
+        assert got["calls"] == [[4, 124]] * 3 + [[124 + _predicted.CHECK]] * 2, (rank, got)
+
+
+class _Pair:
+    """A fake group of two whose peer holds zeros: enough to drive `_predicted.start()`."""
+
+    size = 2
+    agree_in_data = True
+
+    def __init__(self) -> None:
+        self.sums: list[int] = []
+
+    def divisor(self) -> int:
+        return 2
+
+    def start(self, tensor: torch.Tensor) -> Any:
+        return _Now(tensor)
+
+    def start_sum(self, tensor: torch.Tensor) -> Any:
+        self.sums.append(tensor.numel())
+        return _Now(tensor)
+
+    def agree(self, digest: bytes, entries: Any) -> None:
+        pass
+
+    def commit(self) -> bool:
+        return True
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+class _Now:
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def wait(self) -> torch.Tensor:
+        return self.value
+
+
+def test_a_declined_or_failed_prediction_is_noted_alike_on_both_sides():
+    cpu = torch.device("cpu")
+    predicted, other = (10, torch.float32, cpu), (10, torch.float32, torch.device("meta"))
+    for side in ("declines", "check failed"):
+        pair = _Pair()
+        history = _predicted.history(pair)
+        assert history is not None
+        for _ in range(3):
+            history.record(predicted)
+        assert history.predicted() == predicted
+        if side == "declines":  # a round of the same digest but another layout
+            gate = _predicted.start(pair, other, b"\x00" * 8, lambda: [], None)
+            assert pair.sums == [10 + _predicted.CHECK]  # it took part in the predicted collective
+        else:  # the predicted round whose check did not pass; the agreement then passed
+            gate = _predicted.Predicted(history, predicted, b"\x00" * 8, lambda: []).fallback(pair)
+        gate.wait()
+        assert history.last == _predicted._OTHER, side

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import avgfn
 from avgfn.collectives import GroupMean
+from avgfn.testing import RecordingReduce, peers_mean
 
 R = lambda t: t  # noqa: E731  (the Reduce of a group of one)
 HALF = lambda t: t.mul_(0.5)  # noqa: E731  (a group of two whose peer holds zeros)
@@ -398,7 +399,10 @@ def test_each_round_agrees_once_through_the_reduce_with_its_step():
     assert len(reduce.calls) == 1
     entries = reduce.calls[0][1]()
     assert entries[0] == ("<step>", "4")
-    assert entries[1] == ("<round>", "comm_dtype=None, bucket_bytes=None, health flag=False, devices=1")
+    assert entries[1] == (
+        "<round>",
+        "comm_dtype=None, bucket_bytes=None, health flag=False, devices=1, donate=False, in flight=False",
+    )
     assert [path for path, _ in entries[2:]] == ["['a']", "['b']"]
     reduce.calls.clear()
     avg.update(params, state, 5)  # an off-step
@@ -531,3 +535,32 @@ def test_a_round_with_no_leaf_selected_passes_through(make):
     for step in (0, 1):
         out, state = avg.update(params, state, step)
         assert torch.equal(out["n"], params["n"])
+
+
+@pytest.mark.parametrize("rnd", [avgfn.Round(), avgfn.Round(nonfinite="skip"), avgfn.Round(bucket_bytes=16)])
+def test_a_float16_mean_that_overflows_is_refused_by_name(rnd):
+    # each replica's value fits float16, their mean does not (the fake peer holds 4x more)
+    params = {"a": torch.ones(8, dtype=torch.float16), "w": torch.full((8,), 30000.0, dtype=torch.float16)}
+    before = {k: v.clone() for k, v in params.items()}
+    reduce = peers_mean(lambda t: t * 4)
+    if rnd.nonfinite == "skip":
+        out = avgfn.average(params, reduce, round=rnd)
+        assert all(torch.equal(out[k], before[k]) for k in params)
+    else:
+        with pytest.raises(avgfn.NonFiniteError, match=re.escape("mean is non-finite at ['w']")) as caught:
+            avgfn.average(params, reduce, round=rnd)
+        assert caught.value.paths == ()  # this replica's own values are finite
+    assert all(torch.equal(params[k], before[k]) for k in params)
+
+
+def test_the_mean_dtype_of_integer_leaves_follows_the_default_dtype():
+    params = {"n": torch.arange(4)}
+    old = torch.get_default_dtype()
+    try:
+        for dtype in (torch.float32, torch.float64, torch.float32):
+            torch.set_default_dtype(dtype)
+            reduce = RecordingReduce(lambda t: t)
+            avgfn.average(params, reduce, where=lambda leaf: True)
+            assert reduce.inputs[0].dtype == dtype
+    finally:
+        torch.set_default_dtype(old)

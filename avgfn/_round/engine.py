@@ -307,7 +307,12 @@ def _agreement(
             local = _health.local_health(leaves, limit, combine)
     # also with no leaf: the peers must learn that this replica averages nothing
     devices = 0 if facts is None else 1 if facts.device is not None else len({leaf.device for leaf in leaves})
-    wire = f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}, devices={devices}"
+    # everything that decides which collectives the round runs (one, or the check first)
+    held = getattr(_types.group_of(reduce), "in_flight", False) is True
+    wire = (
+        f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}, "
+        f"devices={devices}, donate={rnd.donate}, in flight={held}"
+    )
     refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
     flags = None if local is None else [int(not local[0]), int(not local[1])]
     layout = None

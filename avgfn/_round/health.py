@@ -144,7 +144,7 @@ class Watch:
             return
         self.buffers.append(buffer)
         if buffer.is_complex() or buffer.dtype == torch.float16:  # a float16 sum overflows too soon
-            self.sums.append(_extremes(buffer))
+            self.sums.append(_extremes(buffer).sum().reshape(1))  # one number per buffer, as below
         else:  # (bfloat16 sums in float32 and has its range)
             self.sums.append(buffer.detach().sum().reshape(1).to(torch.float64))
 

@@ -68,7 +68,9 @@ class Round:
       agree: before any value is mixed, the replicas of the group check that
         they average the same leaves (paths, shapes, dtypes of the selection)
         at the same step: one extra collective of four int64 per round
-        through a group-backed Reduce. ``False`` turns it off.
+        through a group-backed Reduce (in a group of two, once its rounds
+        repeat, 17 numbers appended to the data collective instead; see
+        ``docs/round.md``). ``False`` turns it off.
 
     Examples:
       >>> import torch, avgfn

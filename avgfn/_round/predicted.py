@@ -17,9 +17,11 @@ round every replica starts one collective of the predicted size plus
 
 * a replica whose round has that layout sends its data followed by the
   check: each of the 8 bytes of the round's digest (``0..255``) and its
-  square, and a marker 0;
-* any other replica (another selection, step or options, a round of another
-  kind, a local refusal, nothing to average) sends zeros with the marker 1.
+  square, and a marker 0 (also when its digest differs: another step, or
+  another selection of the same size);
+* a replica whose round has another layout (another size, a round of
+  another kind, a local refusal, nothing to average) sends zeros with the
+  marker 1, then runs its round with its agreement first.
 
 The sums of the check are small integers, exact in float32, and the same on
 every replica. They equal twice this replica's byte and twice its square
@@ -28,9 +30,16 @@ every replica. They equal twice this replica's byte and twice its square
 the marker's sum is zero only when neither declined: every replica decides
 alike. If the check passes, the round is done in one collective. Otherwise
 nothing of the reduced buffer is used (it is a scratch buffer: nothing the
-caller holds was written) and every replica runs the round with its
-agreement first, which raises [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError]
-naming what differs (or passes, when every replica declined alike).
+caller holds was written) and every replica runs the agreement, which
+raises [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] naming
+what differs, or passes when the digests agree after all (the same leaves
+on another device); the round then runs with its agreement first.
+
+A round that was predicted but not run as predicted, on either side, is
+noted as a round of another kind by both replicas, so their histories stay
+alike; the digest covers every option that decides whether a round can be
+predicted (`avgfn._round.engine` puts donation and results in flight in
+it), so replicas whose options differ refuse each round instead.
 
 Only groups of two replicas take this path: the sum of two values does not
 depend on the order gloo adds them in, so appending the check keeps the
@@ -126,18 +135,25 @@ class History:
         self.record(layout)
 
 
-_HISTORIES: "weakref.WeakKeyDictionary[Any, History]" = weakref.WeakKeyDictionary()
+_HISTORIES: "weakref.WeakKeyDictionary[Any, tuple[Any, History]]" = weakref.WeakKeyDictionary()
 
 
 def history(reduce: Reduce) -> Optional[History]:
-    """The history of ``reduce``'s group, when its rounds may be predicted (else ``None``)."""
+    """The history of ``reduce``'s group, when its rounds may be predicted (else ``None``).
+
+    A group that can tell which process group is behind it (``history_token()``,
+    as ``all_reduce_mean`` can) starts a new history when that changes: a
+    default group destroyed and created again holds new peers, who have
+    none.
+    """
     group = _types.group_of(reduce)
     if group is None or getattr(group, "agree_in_data", False) is not True:
         return None
+    token = group.history_token() if hasattr(group, "history_token") else None
     found = _HISTORIES.get(group)
-    if found is None:
-        found = _HISTORIES[group] = History()
-    return found
+    if found is None or found[0] is not token:
+        found = _HISTORIES[group] = (token, History())
+    return found[1]
 
 
 def layout(facts: _facts.Facts, reduce: Reduce) -> Optional[Layout]:
@@ -184,8 +200,13 @@ class Predicted:
         self.history.record(self.layout)
 
     def fallback(self, reduce: Reduce) -> "Recorded":
-        """The agreement, begun after a check that did not pass (every replica runs it)."""
-        return Recorded(self.history, self.layout, _types.start_agree(reduce, self.digest, self.entries))
+        """The agreement, begun after a check that did not pass (every replica runs it).
+
+        If it passes (a peer's round had the same digest but another layout),
+        the round is noted as one of another kind, as the peer that declined
+        notes it: both histories stay alike.
+        """
+        return Recorded(self.history, None, _types.start_agree(reduce, self.digest, self.entries))
 
 
 def decline(reduce: Reduce, history: History, predicted: Layout) -> None:
@@ -236,4 +257,5 @@ def start(
         return Predicted(history_, layout, digest, entries)
     if predicted is not None:  # the peer may send its data now: take part, then agree first
         decline(reduce, history_, predicted)
+        layout = None  # noted as a round of another kind, as the peer notes it
     return Recorded(history_, layout, _types.start_agree(reduce, digest, entries, flags))

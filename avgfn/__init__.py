@@ -24,6 +24,7 @@ from avgfn._algorithms.chain import ChainState as ChainState
 from avgfn._algorithms.chain import chain as chain
 from avgfn._checkpoint import load_state_dict as load_state_dict
 from avgfn._round.options import Round as Round
+from avgfn._round.pool import release_buffers as release_buffers
 from avgfn._training.compose import AveragingState as AveragingState
 from avgfn._training.compose import AveragingUpdate as AveragingUpdate
 from avgfn._training.compose import with_averaging as with_averaging
@@ -112,6 +113,7 @@ __all__ = [
     "optim",
     "overlapped_diloco",
     "periodic",
+    "release_buffers",
     "post_local_gradients",
     "post_local_sgd",
     "simulate",

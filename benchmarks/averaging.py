@@ -31,6 +31,11 @@ Faults are the thread's minor page faults during a round (median): each is a
 first touch of memory the process had not used yet (about 4 KiB), which glibc
 hands out for a large allocation unless it can reuse memory freed earlier.
 
+Host buffers that the round engine keeps for reuse between rounds
+(`avgfn.release_buffers()`) are dropped before each round of the memory
+world, so that the peak shows what a round needs; the last line prints how
+much the timing world kept at its end, over all the variants.
+
 Peak extra memory is the rise of the process's peak RSS during one round
 (Linux: /proc/self/clear_refs resets the peak) above its RSS before the round.
 It is measured, as the largest over 3 rounds, in a second world started with MALLOC_MMAP_THRESHOLD_=1 MiB, so
@@ -209,6 +214,8 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
         for j in range(len(names)):  # the order turns every round: no variant always follows the same one
             name = names[(j + r) % len(names)]
             timed = r >= args.warmup
+            if memory_world:  # what a round needs, not what an earlier round left for it to reuse
+                avgfn.release_buffers()
             _measure(variants[name], timings if timed else {}, memory if timed else {}, name, host if timed else {})
             out.clear()  # as a training loop drops the old params after a round
 
@@ -267,7 +274,8 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
                 "world": world,
             }
         )
-        extra = {"bf16_max_abs_error": err, "max_abs_param": scale, "off_step_us": off_us,
+        kept_mb = avgfn.release_buffers() / MB  # what the engine kept for reuse between rounds
+        extra = {"bf16_max_abs_error": err, "max_abs_param": scale, "off_step_us": off_us, "kept_mb": kept_mb,
                  "bucket_mb": args.bucket_mb, "leaves": args.leaves, "rounds": args.rounds}
         with open(os.path.join(folder, "result.json"), "w") as f:
             json.dump({"rows": rows, "extra": extra}, f)
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row['name']:<20}{ms:>12}{row['ratio_to_torch']:>10.3f}{cpu:>13}{faults:>8}{row['peak_extra_mb']:>16.1f}")
     print(f"bf16 on the wire: max abs error {extra['bf16_max_abs_error']:.3g} "
           f"(largest |param| {extra['max_abs_param']:.3g})")
+    print(f"host buffers the round engine kept for reuse at the end (all variants): {extra['kept_mb']:.1f} MiB")
 
 
 if __name__ == "__main__":

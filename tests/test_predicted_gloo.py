@@ -20,6 +20,7 @@ from torch.distributed.algorithms.model_averaging import utils as torch_utils
 
 import avgfn
 from _dist import run_world
+from _groups import Pair
 from avgfn import collectives
 from avgfn._round import predicted as _predicted
 
@@ -332,41 +333,10 @@ def test_a_history_restarts_with_a_new_default_group(tmp_path):
         assert got["calls"] == [[4, 124]] * 3 + [[124 + _predicted.CHECK]] * 2, (rank, got)
 
 
-class _Pair:
-    """A fake group of two whose peer holds zeros: enough to drive `_predicted.start()`."""
+class _Pair(Pair):
+    """A fake group of two whose rounds may be predicted."""
 
-    size = 2
     agree_in_data = True
-
-    def __init__(self) -> None:
-        self.sums: list[int] = []
-
-    def divisor(self) -> int:
-        return 2
-
-    def start(self, tensor: torch.Tensor) -> Any:
-        return _Now(tensor)
-
-    def start_sum(self, tensor: torch.Tensor) -> Any:
-        self.sums.append(tensor.numel())
-        return _Now(tensor)
-
-    def agree(self, digest: bytes, entries: Any) -> None:
-        pass
-
-    def commit(self) -> bool:
-        return True
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-
-class _Now:
-    def __init__(self, value: torch.Tensor) -> None:
-        self.value = value
-
-    def wait(self) -> torch.Tensor:
-        return self.value
 
 
 def test_a_declined_or_failed_prediction_is_noted_alike_on_both_sides():

@@ -37,6 +37,7 @@ from avgfn._core.types import Pending, Reduce
 from avgfn._round import facts as _facts
 from avgfn._round import predicted as _predicted
 from avgfn._round.options import Round
+from avgfn._round.pool import POOL
 
 _SMALL = 1 << 16
 """Below this many elements per leaf on average, a round packs with one cat."""
@@ -206,7 +207,6 @@ class Buffers:
         self.outs: list[Any] = self.flats if self.donate else [None] * len(leaves)
         self.shaped = False  # outs are views shaped as the leaves, of their dtypes
         self.pool: list[torch.Tensor] = []
-        self.scratch: Optional[torch.Tensor] = None  # of `divide_into()`
         # A Reduce that divides, then sums lets the packing copy do the division:
         # torch.div(src, divisor, out=dst). On the exact paths that is only done
         # where src already has the buffer's dtype (the bits of copy, then
@@ -217,13 +217,17 @@ class Buffers:
         self.plain = rnd.plain_wire and not self.fused and not self.feedback
 
     def staging(self, n: int, slot: int) -> torch.Tensor:
-        """A buffer of ``n`` wire elements (reused across buckets when donating)."""
+        """A buffer of ``n`` wire elements (reused across buckets when donating).
+
+        It comes from `avgfn._round.pool`: memory of an earlier round that
+        nothing else holds any more, when there is some.
+        """
         if not self.donate:
-            return torch.empty(n, dtype=self.wire_dtype, device=self.device)
+            return POOL.take(n, self.wire_dtype, self.device)
         while len(self.pool) <= slot:
             self.pool.append(torch.empty(0, dtype=self.wire_dtype, device=self.device))
         if self.pool[slot].numel() < n:
-            self.pool[slot] = torch.empty(n, dtype=self.wire_dtype, device=self.device)
+            self.pool[slot] = POOL.take(n, self.wire_dtype, self.device)
         return self.pool[slot][:n]
 
     def pack(self, bucket: list[Piece], slot: int, extra: int = 0) -> tuple[torch.Tensor, bool]:
@@ -273,20 +277,19 @@ class Buffers:
     def divide_into(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """``dst = src / divisor``, computed in ``src``'s dtype and rounded once to ``dst``'s.
 
-        The bits of ``torch.div(src, divisor, out=dst)``, which for a narrower
-        ``dst`` allocates a temporary as large as ``src`` at every call (on a
-        large model, fresh memory the kernel must map): here the quotient goes
-        through one scratch buffer of at most `_CHUNK` elements, reused.
+        ``torch.div(src, divisor, out=dst)`` for a narrower ``dst`` computes
+        into a temporary as large as ``src``: for a large leaf, fresh memory
+        the kernel must map at every call. Here it runs on pieces of at most
+        `_CHUNK` elements, whose temporaries the allocator reuses (the same
+        bits).
         """
         n = src.numel()
-        scratch = self.scratch
-        if scratch is None or scratch.dtype != src.dtype or scratch.numel() < min(n, _CHUNK):
-            scratch = self.scratch = torch.empty(min(max(n, 1), _CHUNK), dtype=src.dtype, device=self.device)
+        if n <= _CHUNK:
+            torch.div(src, self.by, out=dst)
+            return
         for lo in range(0, n, _CHUNK):
             hi = min(n, lo + _CHUNK)
-            part = scratch[: hi - lo]
-            torch.div(src[lo:hi], self.by, out=part)
-            dst[lo:hi].copy_(part)
+            torch.div(src[lo:hi], self.by, out=dst[lo:hi])
 
     def sources(self, bucket: list[Piece]) -> list[torch.Tensor]:
         """The flat pieces a bucket packs (whole leaves are not sliced)."""
@@ -304,6 +307,12 @@ class Buffers:
         return all(lo == 0 and hi == self.flats[i].numel() for i, lo, hi in bucket) and all(
             leaf.dtype == result.dtype for leaf in self.leaves
         )
+
+    def widened(self, bucket: list[Piece], result: torch.Tensor) -> bool:
+        """Whether the bucket holds every leaf whole, of one dtype other than ``result``'s."""
+        if _unflatten is None or self.donate or self.capacity is not None or traced(result):
+            return False
+        return self.facts.uniform and result.dtype != self.dtype and len(bucket) == len(self.leaves)
 
     def start(self, buf: torch.Tensor) -> Pending:
         """Start the bucket's collective (a sum when the division was fused)."""
@@ -326,6 +335,13 @@ class Buffers:
             # Each leaf's view of the result, shaped as the leaf, in one call.
             assert _unflatten is not None
             self.outs = list(_unflatten(result, self.leaves))
+            self.shaped = True
+            return
+        if self.widened(bucket, result):  # one cast into one buffer, then the views of it
+            assert _unflatten is not None
+            wide = POOL.take(result.numel(), self.dtype, self.device)
+            wide.copy_(result)
+            self.outs = list(_unflatten(wide, self.leaves))
             self.shaped = True
             return
         pieces = result.split([hi - lo for _, lo, hi in bucket])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import pytest
@@ -40,13 +41,47 @@ def test_a_buffer_is_taken_again_only_once_nothing_holds_it():
 
 def test_a_buffer_saved_for_backward_is_not_taken():
     pool = _pool.Pool(per_layout=8)
-    a = pool.take(BIG, torch.float32, torch.device("cpu")).requires_grad_(True)
+    a = pool.take(BIG, torch.float32, torch.device("cpu"))  # no grad of its own
     first = _storage(a)
-    loss = (a * a).sum()  # keeps a for the gradient
+    w = torch.randn(BIG, requires_grad=True)
+    loss = (w * a).sum()  # a is saved for the gradient of w
     del a
     assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) != first
     del loss
     assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) == first
+
+
+def test_a_buffer_behind_a_weak_reference_is_not_taken():
+    pool = _pool.Pool(per_layout=8)
+    a = pool.take(BIG, torch.float32, torch.device("cpu"))
+    first = _storage(a)
+    watch = weakref.ref(a.untyped_storage())
+    del a
+    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) != first
+    del watch
+    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) == first
+
+
+def test_a_buffer_moved_to_shared_memory_is_dropped():
+    # another process may hold it (torch.multiprocessing keeps no local reference)
+    pool = _pool.Pool(per_layout=8)
+    a = pool.take(BIG, torch.float32, torch.device("cpu"))
+    a.share_memory_()
+    del a
+    again = pool.take(BIG, torch.float32, torch.device("cpu"))
+    assert not again.untyped_storage().is_shared()
+    assert all(not base.untyped_storage().is_shared() for base in pool.kept[(BIG, torch.float32)])
+
+
+def test_nothing_is_kept_under_a_fake_or_tracing_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pool = _pool.Pool()
+    with FakeTensorMode():
+        fake = pool.take(BIG, torch.float32, torch.device("cpu"))
+    assert not pool.kept
+    real = pool.take(BIG, torch.float32, torch.device("cpu"))
+    assert type(real) is torch.Tensor and type(fake) is not torch.Tensor
 
 
 def test_at_most_a_few_buffers_of_a_few_layouts_are_kept():
@@ -76,29 +111,37 @@ def test_release_drops_what_is_kept():
     assert avgfn.release_buffers() >= 0
 
 
-def _rounds(rnd: avgfn.Round, rounds: int = 6) -> tuple[list[dict], list[dict]]:
+def _rounds(rnd: avgfn.Round, rounds: int = 8) -> tuple[list[Any], list[dict], set[int]]:
+    # every other round's params are dropped (their memory may be used again),
+    # the others are held to the end; the leaves are large enough to be kept
     avg = avgfn.periodic(1, reduce=Pair(), round=rnd)
-    params = {"w": torch.randn(BIG), "b": torch.randn(BIG // 2 + 3)}
+    params = {"w": torch.randn(2 * BIG), "b": torch.randn(BIG + 3)}
     state = avg.init(params)
-    outs, copies = [], []
+    outs: list[Any] = []
+    copies: list[dict] = []
+    storages: list[int] = []
     for step in range(rounds):
         out, state = avg.update(params, state, step)
-        outs.append(out)
-        copies.append({k: v.clone() for k, v in out.items()})
+        storages.append(_storage(out["w"]))
         params = {k: v + 1 for k, v in out.items()}
-    return outs, copies
+        outs.append(out if step % 2 else None)
+        copies.append({k: v.clone() for k, v in out.items()})
+    reused = {ptr for i, ptr in enumerate(storages) if ptr in storages[:i]}
+    return outs, copies, reused
 
 
 @pytest.mark.parametrize(
     "rnd",
-    [avgfn.Round(), avgfn.Round(comm_dtype=torch.bfloat16), avgfn.Round(bucket_bytes=1 << 21)],
+    [avgfn.Round(), avgfn.Round(comm_dtype=torch.bfloat16), avgfn.Round(bucket_bytes=1 << 22)],
     ids=["pure", "bf16", "buckets"],
 )
 def test_results_the_caller_holds_are_never_written_by_later_rounds(rnd):
-    outs, copies = _rounds(rnd)
+    outs, copies, reused = _rounds(rnd)
+    assert reused  # memory of dropped rounds was used again
     for out, copy in zip(outs, copies):
-        for k in out:
-            assert torch.equal(out[k], copy[k]), k
+        if out is not None:
+            for k in out:
+                assert torch.equal(out[k], copy[k]), k
 
 
 def test_the_round_before_last_is_used_again_once_dropped():

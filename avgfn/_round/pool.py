@@ -10,8 +10,13 @@ more than 32 MiB back to the system when they are freed.
 
 `take()` returns a buffer that nothing outside this module refers to: one
 kept from an earlier round whose storage only the pool still holds (no
-other tensor on it, no reference to its Python storage object), or a
-fresh one, which is then kept. Only CPU buffers of
+other tensor on it, no reference, strong or weak, to its Python storage
+object, not moved to shared memory, where another process may still read
+or write it: such a buffer is dropped), or a fresh one, which is then
+kept. Nothing is kept while a compiler, fake-tensor or tracing mode is
+active. A C++ weak reference to a storage (``StorageWeakRef``, which
+torch's multiprocessing and tracing use on shared or traced memory) is not
+visible to these counts. Only CPU buffers of
 at least `SMALLEST` bytes are kept (a device's caching allocator already
 reuses its memory), at most `PER_LAYOUT` per size and dtype, for the
 `LAYOUTS` most recent sizes. What is kept counts in the process's memory
@@ -27,10 +32,12 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 import torch
+from torch.utils import _python_dispatch
 
 SMALLEST = 1 << 20
 """The smallest buffer (bytes) worth keeping."""
@@ -44,19 +51,19 @@ LAYOUTS = 4
 _use_count: Optional[Callable[[Any], int]] = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _holders(t: torch.Tensor) -> tuple[int, int]:
-    """What holds ``t``'s storage: the tensors on it, and the references to its Python object.
+def _holders(t: torch.Tensor) -> tuple[int, int, int]:
+    """What holds ``t``'s storage: the tensors on it, and the strong and weak references to its Python object.
 
     (torch keeps one Python object per storage: one that a caller holds shows
-    only in that object's reference count.)
+    only in that object's reference counts.)
     """
     assert _use_count is not None
     storage = t.untyped_storage()
-    return _use_count(storage._cdata), sys.getrefcount(storage)
+    return _use_count(storage._cdata), sys.getrefcount(storage), weakref.getweakrefcount(storage)
 
 
-def _baseline() -> Optional[tuple[int, int]]:
-    """`_holders` of a storage that one tensor alone holds (``None``: the count cannot tell)."""
+def _baseline() -> Optional[tuple[int, int, int]]:
+    """`_holders` of a storage that one tensor alone holds (``None``: the counts cannot tell)."""
     if _use_count is None:
         return None
     try:
@@ -67,13 +74,37 @@ def _baseline() -> Optional[tuple[int, int]]:
         del view
         storage = alone.untyped_storage()
         seen_storage = _holders(alone) != count
+        watch = weakref.ref(storage)
         del storage
-        return count if seen_view and seen_storage and _holders(alone) == count else None
+        seen_weak = _holders(alone) != count
+        del watch
+        seen = seen_view and seen_storage and seen_weak
+        return count if seen and _holders(alone) == count and count[2] == 0 else None
     except Exception:  # pragma: no cover - a torch whose private count behaves otherwise
         return None
 
 
-_ALONE = _baseline()
+_ALONE: Optional[tuple[int, int, int]] = None
+_MEASURED = False
+
+
+def _alone() -> Optional[tuple[int, int, int]]:
+    """The baseline, measured at the first use outside any dispatch mode (``None``: keep nothing)."""
+    global _ALONE, _MEASURED
+    if not _MEASURED:
+        _ALONE, _MEASURED = _baseline(), True
+    return _ALONE
+
+
+def _plain() -> bool:
+    """Whether allocations now make real tensors: no compiler, fake or tracing mode is active."""
+    return not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
+
+
+def _free(base: torch.Tensor, alone: tuple[int, int, int]) -> bool:
+    """Whether nothing but the pool holds ``base``'s memory, in this process or another."""
+    return not base.untyped_storage().is_shared() and _holders(base) == alone
+
 
 Key = tuple[int, torch.dtype]
 
@@ -95,15 +126,19 @@ class Pool:
 
     def take(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A 1-D buffer of ``n`` elements that nothing else refers to (its values are arbitrary)."""
-        if _ALONE is None or device.type != "cpu" or n * dtype.itemsize < SMALLEST or torch.compiler.is_compiling():
+        if device.type != "cpu" or n * dtype.itemsize < SMALLEST or not _plain():
+            return torch.empty(n, dtype=dtype, device=device)
+        alone = _alone()
+        if alone is None:
             return torch.empty(n, dtype=dtype, device=device)
         key = (n, dtype)
         with self.lock:
             kept = self.kept.get(key)
             if kept is not None:
                 self.kept.move_to_end(key)
+                kept[:] = [base for base in kept if not base.untyped_storage().is_shared()]  # another process may use it
                 for base in kept:
-                    if _holders(base) == _ALONE:
+                    if _free(base, alone):
                         return _on(base)
             fresh = torch.empty(n, dtype=dtype, device=device)
             kept = self.kept.setdefault(key, [])

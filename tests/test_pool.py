@@ -21,45 +21,33 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def test_a_buffer_is_taken_again_only_once_nothing_holds_it():
+def _saved_for_backward(a: torch.Tensor) -> Any:
+    w = torch.randn(a.numel(), requires_grad=True)
+    return (w * a).sum()  # a (no grad of its own) is saved for the gradient of w
+
+
+HOLDERS = {
+    "a view": lambda a: a[10:20],
+    "its storage object": lambda a: a.untyped_storage(),
+    "a weak reference to its storage": lambda a: weakref.ref(a.untyped_storage()),
+    "saved for backward": _saved_for_backward,
+    "a tensor set on its storage": lambda a: torch.empty(0).set_(a.untyped_storage()),
+}
+
+
+@pytest.mark.parametrize("hold", HOLDERS.values(), ids=HOLDERS.keys())
+def test_a_buffer_is_taken_again_only_once_nothing_holds_it(hold):
     pool = _pool.Pool(per_layout=8)
     a = pool.take(BIG, torch.float32, torch.device("cpu"))
     first = _storage(a)
-    b = pool.take(BIG, torch.float32, torch.device("cpu"))
-    assert _storage(b) != first  # a is held
-    view = a[10:20]
+    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) != first  # a is held
+    holder = hold(a)
     del a
-    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) != first  # a view holds it
-    storage = view.untyped_storage()
-    del view
-    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) != first  # its storage object too
-    del storage
+    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) != first  # the holder holds it
+    del holder
     again = pool.take(BIG, torch.float32, torch.device("cpu"))
     assert _storage(again) == first
     assert again._base is None  # nothing leads from what is handed out to what is kept
-
-
-def test_a_buffer_saved_for_backward_is_not_taken():
-    pool = _pool.Pool(per_layout=8)
-    a = pool.take(BIG, torch.float32, torch.device("cpu"))  # no grad of its own
-    first = _storage(a)
-    w = torch.randn(BIG, requires_grad=True)
-    loss = (w * a).sum()  # a is saved for the gradient of w
-    del a
-    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) != first
-    del loss
-    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) == first
-
-
-def test_a_buffer_behind_a_weak_reference_is_not_taken():
-    pool = _pool.Pool(per_layout=8)
-    a = pool.take(BIG, torch.float32, torch.device("cpu"))
-    first = _storage(a)
-    watch = weakref.ref(a.untyped_storage())
-    del a
-    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) != first
-    del watch
-    assert _storage(pool.take(BIG, torch.float32, torch.device("cpu"))) == first
 
 
 def test_a_buffer_moved_to_shared_memory_is_dropped():

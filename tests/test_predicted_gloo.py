@@ -356,3 +356,42 @@ def test_a_declined_or_failed_prediction_is_noted_alike_on_both_sides():
             gate = _predicted.Predicted(history, predicted, b"\x00" * 8, lambda: []).fallback(pair)
         gate.wait()
         assert history.last == _predicted._OTHER, side
+
+
+def _hierarchy(rank: int, world: int) -> dict[str, Any]:
+    from collections import OrderedDict
+
+    from torch.distributed.algorithms.model_averaging.hierarchical_model_averager import (
+        HierarchicalModelAverager,
+    )
+
+    sizes = OrderedDict([(2, 2), (4, 4)])
+    ref = HierarchicalModelAverager(sizes, warmup_steps=0)
+    avg = avgfn.hierarchical(collectives.hierarchy(sizes), warmup_steps=0)
+    params = _params(rank)
+    copies = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    for p in copies:
+        p.grad = torch.zeros_like(p)  # torch's filter averages the params with a gradient
+    state = avg.init(params)
+    calls, equal = [], []
+    for step in range(1, 17):
+        (out, state), n = _counted(lambda: avg.update(params, state, step))
+        ref.step = step
+        ref.average_parameters(iter(copies))
+        calls.append(n)
+        equal.append(all(torch.equal(out[k], c.detach()) for k, c in zip(params, copies)))
+        params = {k: v + 0.25 * (rank + 1) for k, v in out.items()}
+        with torch.no_grad():
+            for c in copies:
+                c.add_(0.25 * (rank + 1))
+    return {"calls": calls, "equal": equal}
+
+
+def test_a_group_of_two_inside_a_hierarchy_predicts_its_rounds_with_torchs_bits():
+    for rank, got in enumerate(run_world(_hierarchy, 4, timeout=240)):
+        assert got["equal"] == [True] * 16, (rank, got)
+        # the pairs' rounds (steps 2, 6, 10, 14): the fourth is one collective; the
+        # world of four (steps 4, 8, 12, 16) keeps its check first
+        pairs = [got["calls"][step - 1] for step in (2, 6, 10, 14)]
+        assert pairs == [[4, 124]] * 3 + [[124 + _predicted.CHECK]], (rank, got)
+        assert all(got["calls"][step - 1] == [4, 124] for step in (4, 8, 12, 16)), (rank, got)

@@ -210,3 +210,18 @@ def test_fast_paths_say_clearly_that_vmap_is_not_supported(option):
     state = torch.func.vmap(avg.init)(stacked)
     with pytest.raises(ValueError, match="not supported under torch.func.vmap"):
         torch.func.vmap(avg.update, in_dims=(0, 0, None))(stacked, state, 0)
+
+
+def test_a_device_s_share_of_a_mixed_dtype_round_comes_back_in_its_leaves_dtype():
+    # on several devices each device's buffers take the mean in the dtype promoted
+    # over all of them (float64 here) while this device's leaves are float32
+    from _groups import Pair
+
+    from avgfn._round.buffers import Buffers
+
+    leaves = [torch.randn(300), torch.randn(4, 5)]
+    for rnd in (avgfn.Round(comm_dtype=torch.bfloat16), avgfn.Round()):
+        values, _ = Buffers(leaves, Pair(), rnd, torch.float64, None, None).run()
+        for leaf, value in zip(leaves, values):
+            assert value.dtype == leaf.dtype and value.shape == leaf.shape
+            assert torch.allclose(value, leaf, rtol=2**-7, atol=0)

@@ -111,12 +111,11 @@ def _structure(
     """
     if signature is None:
         signature = _facts.facts(leaves).signature if leaves else ()
-    layout = signature
-    full = None if key is None else (key, layout, sharding)
+    full = None if key is None else (key, signature, sharding)
     cached = None if full is None else _STRUCTURES.get(full)
     if cached is None:
         extra = sharding or ("",) * len(leaves)
-        entries = [(name, f"{tuple(s)} {d}{x}") for name, (s, d, _), x in zip(names(), layout, extra)]
+        entries = [(name, f"{tuple(s)} {d}{x}") for name, (s, d, _), x in zip(names(), signature, extra)]
         cached = hashlib.blake2b(repr(entries).encode(), digest_size=8).digest()
         if full is not None:
             if len(_STRUCTURES) >= _CACHE_SIZE:

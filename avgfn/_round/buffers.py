@@ -299,20 +299,12 @@ class Buffers:
         return [flats[i] if lo == 0 and hi == flats[i].numel() else flats[i][lo:hi] for i, lo, hi in bucket]
 
     def whole(self, bucket: list[Piece], result: torch.Tensor) -> bool:
-        """Whether the bucket holds whole leaves of ``result``'s dtype, to be unflattened at once."""
+        """Whether the bucket holds every leaf whole, all of one dtype: its result is unflattened at once."""
         if _unflatten is None or self.donate or len(bucket) != len(self.leaves) or traced(result):
             return False
-        if self.capacity is None:  # one bucket of whole leaves
-            return self.facts.uniform and self.facts.dtype == result.dtype
-        return all(lo == 0 and hi == self.flats[i].numel() for i, lo, hi in bucket) and all(
-            leaf.dtype == result.dtype for leaf in self.leaves
-        )
-
-    def widened(self, bucket: list[Piece], result: torch.Tensor) -> bool:
-        """Whether the bucket holds every leaf whole, of one dtype other than ``result``'s."""
-        if _unflatten is None or self.donate or self.capacity is not None or traced(result):
+        if not self.facts.uniform:
             return False
-        return self.facts.uniform and result.dtype != self.dtype and len(bucket) == len(self.leaves)
+        return self.capacity is None or all(lo == 0 and hi == self.flats[i].numel() for i, lo, hi in bucket)
 
     def start(self, buf: torch.Tensor) -> Pending:
         """Start the bucket's collective (a sum when the division was fused)."""
@@ -332,16 +324,13 @@ class Buffers:
                 buf.copy_(result)
             return
         if self.whole(bucket, result):
-            # Each leaf's view of the result, shaped as the leaf, in one call.
+            # Each leaf's view of the result, shaped as the leaf, in one call
+            # (after one cast into one buffer when the leaves' dtype is another).
             assert _unflatten is not None
+            if result.dtype != self.facts.dtype:
+                cast = POOL.take(result.numel(), self.facts.dtype, self.device)
+                result = cast.copy_(result)
             self.outs = list(_unflatten(result, self.leaves))
-            self.shaped = True
-            return
-        if self.widened(bucket, result):  # one cast into one buffer, then the views of it
-            assert _unflatten is not None
-            wide = POOL.take(result.numel(), self.dtype, self.device)
-            wide.copy_(result)
-            self.outs = list(_unflatten(wide, self.leaves))
             self.shaped = True
             return
         pieces = result.split([hi - lo for _, lo, hi in bucket])

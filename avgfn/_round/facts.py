@@ -38,23 +38,23 @@ class Facts:
         self.signature = signature
         self.numels = [math.prod(shape) for shape, _, _ in signature]
         self.count = sum(self.numels)
-        self.dtype = promoted({dtype for _, dtype, _ in signature}, signature[0][1])
+        self.dtype = promoted({dtype for _, dtype, _ in signature})
         self.uniform = all(dtype == self.dtype for _, dtype, _ in signature)
         devices = {device for _, _, device in signature}
         self.device: Optional[torch.device] = signature[0][2] if len(devices) == 1 else None
 
 
-def promoted(dtypes: set[torch.dtype], first: torch.dtype) -> torch.dtype:
-    """The promoted dtype of ``dtypes``; integer or bool alone promote to the default float."""
-    dtype = first
-    for other in dtypes:
+def promoted(dtypes: set[torch.dtype]) -> torch.dtype:
+    """The promoted dtype of ``dtypes`` (at least one); integer or bool alone promote to the default float."""
+    dtype, *others = dtypes
+    for other in others:
         dtype = torch.promote_types(dtype, other)
     if not (dtype.is_floating_point or dtype.is_complex):
         dtype = torch.promote_types(dtype, torch.get_default_dtype())
     return dtype
 
 
-_KNOWN: dict[Signature, Facts] = {}
+_KNOWN: dict[tuple[Signature, torch.dtype], Facts] = {}
 _KEEP = 64
 
 
@@ -63,11 +63,10 @@ def facts(leaves: list[torch.Tensor]) -> Facts:
     signature = tuple([(leaf.shape, leaf.dtype, leaf.device) for leaf in leaves])
     if torch.compiler.is_compiling():  # a traced graph must not guard on this cache
         return Facts(signature)
-    found = _KNOWN.get(signature)
+    key = (signature, torch.get_default_dtype())  # integer leaves alone take the default dtype
+    found = _KNOWN.get(key)
     if found is None:
         if len(_KNOWN) >= _KEEP:
             _KNOWN.clear()
-        found = _KNOWN[signature] = Facts(signature)
-    if not (found.dtype.is_floating_point and found.uniform):  # may depend on the default dtype
-        found = Facts(signature)
+        found = _KNOWN[key] = Facts(signature)
     return found

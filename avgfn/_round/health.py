@@ -152,10 +152,10 @@ class Watch:
         """Whether every buffer noted so far was finite."""
         if not self.sums:
             return True
-        sums = torch.cat(self.sums).to("cpu")
-        if bool(torch.isfinite(sums).all()):
+        ok = torch.isfinite(torch.cat(self.sums).to("cpu"))
+        if bool(ok.all()):
             return True
-        over = [buf for buf, ok in zip(self.buffers, torch.isfinite(sums).tolist()) if not ok]
+        over = [buf for buf, fine in zip(self.buffers, ok.tolist()) if not fine]
         return bool(torch.isfinite(torch.cat([_extremes(buf).to("cpu") for buf in over])).all())
 
 

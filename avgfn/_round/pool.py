@@ -101,11 +101,6 @@ def _plain() -> bool:
     return not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None
 
 
-def _free(base: torch.Tensor, alone: tuple[int, int, int]) -> bool:
-    """Whether nothing but the pool holds ``base``'s memory, in this process or another."""
-    return not base.untyped_storage().is_shared() and _holders(base) == alone
-
-
 Key = tuple[int, torch.dtype]
 
 
@@ -138,7 +133,7 @@ class Pool:
                 self.kept.move_to_end(key)
                 kept[:] = [base for base in kept if not base.untyped_storage().is_shared()]  # another process may use it
                 for base in kept:
-                    if _free(base, alone):
+                    if _holders(base) == alone:  # nothing but the pool holds it
                         return _on(base)
             fresh = torch.empty(n, dtype=dtype, device=device)
             kept = self.kept.setdefault(key, [])

@@ -1,5 +1,9 @@
 """A donated round's health flags travel with the per-round agreement, on 2 gloo processes.
 
+(Rounds here hold more than ``avgfn._round.predicted.LIMIT`` elements: a smaller donated
+round in a group of two runs as the pure round does, its check in its data, and writes
+nothing into the donated params; see tests/test_predicted_gloo.py.)
+
 Before, a donated round (``Round(donate=True)``) with ``nonfinite="raise"`` or ``"skip"``
 ran three collectives: the agreement, an all-reduce of its health flags, then the data.
 The flags now ride in the agreement's all-reduce (MAX of "not finite" and "no room on
@@ -18,6 +22,7 @@ import torch.distributed as dist
 import avgfn
 from _dist import run_world
 from avgfn import collectives
+from avgfn._round import predicted as _predicted
 
 
 def _counted(fn: Any) -> tuple[Any, int]:
@@ -41,7 +46,7 @@ def _world(rank: int, world: int) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for policy in ("raise", "skip"):
         for sick in (False, True):
-            params = {"a": torch.full((1000,), float(rank + 1)), "b": torch.ones(7) * (rank + 1)}
+            params = {"a": torch.full((_predicted.LIMIT,), float(rank + 1)), "b": torch.ones(7) * (rank + 1)}
             if sick and rank == 1:
                 params["a"][3] = float("nan")
             before = {k: v.clone() for k, v in params.items()}

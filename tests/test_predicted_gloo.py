@@ -109,9 +109,10 @@ def _disagreements(rank: int, world: int) -> dict[str, Any]:
             {"x": params["w"][:, :2]} if rank == 0 else {"y": params["w"][:, 1:]}, reduce
         ),
         "step": lambda: avg.update(params, state, 9 + rank),
-        "options": lambda: avgfn.periodic(1, reduce=reduce, round=avgfn.Round(donate=rank == 1)).update(
-            {k: v.clone() for k, v in params.items()}, state, 9
-        ),
+        # options that run other collectives (buckets); donation alone does not, up to the limit
+        "options": lambda: avgfn.periodic(
+            1, reduce=reduce, round=avgfn.Round(donate=True, bucket_bytes=256 if rank == 1 else None)
+        ).update({k: v.clone() for k, v in params.items()}, state, 9),
         "nothing": lambda: avgfn.periodic(
             1, reduce=reduce, where=(lambda p: True) if rank == 0 else (lambda p: False)
         ).update(params, state, 9),
@@ -279,28 +280,79 @@ def test_a_wrapper_keeps_the_check_first_unless_it_says_it_passes_tensors_on():
         assert got["_WatchedInData"] == {"last": [124 + _predicted.CHECK], "equal": True}, (rank, got)
 
 
-def _options_differ(rank: int, world: int) -> dict[str, Any]:
-    # the replicas' rounds differ only in donation; under "ignore" no health
-    # exchange tells them apart, but one of them can carry its check in its
-    # data and the other cannot: they must refuse together, not drift apart
+def _options_differ(rank: int, world: int, count: int) -> dict[str, Any]:
+    # the replicas' rounds differ only in donation, under "ignore" (no health
+    # exchange tells them apart). Up to the limit a donated round runs as the
+    # pure one does (its check in its data): the replicas run the same
+    # collectives and average. Past it, the donated round is a collective of
+    # its own after its check and the pure one is not: they must refuse
+    # together, not drift apart.
     reduce = collectives.all_reduce_mean(timeout=60)
     rnd = avgfn.Round(nonfinite="ignore", donate=rank == 1, verify=None)
     avg = avgfn.periodic(1, reduce=reduce, round=rnd)
-    params = _params(rank)
+    g = torch.Generator().manual_seed(rank)
+    params = {"w": torch.randn(count, generator=g), "b": torch.randn(3, generator=g)}
     state = avg.init(params)
-    outcomes = []
+    outcomes, calls, equal = [], [], []
     for step in range(6):
         fresh = {k: v.clone() for k, v in params.items()}
-        outcomes.append(_outcome(lambda: avg.update(fresh, state, step), fresh))
-    return {"outcomes": outcomes}
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            (out["params"], _), out["calls"] = _counted(lambda: avg.update(fresh, state, step))
+
+        outcomes.append(_outcome(run, fresh))
+        if "params" in out:
+            calls.append(out["calls"])
+            equal.append(all(torch.equal(out["params"][k], _torch_mean(params)[k]) for k in params))
+    return {"outcomes": outcomes, "calls": calls, "equal": equal}
+
+
+def test_replicas_that_differ_only_in_donation_average_alike_up_to_the_limit():
+    count = 120
+    for rank, got in enumerate(run_world(_options_differ, 2, count, timeout=120)):
+        assert [o["error"] for o in got["outcomes"]] == [None] * 6, (rank, got["outcomes"])
+        assert got["equal"] == [True] * 6, (rank, got)
+        n = count + 3
+        assert got["calls"] == [[4, n]] * 3 + [[n + _predicted.CHECK]] * 3, (rank, got["calls"])
 
 
 def test_replicas_whose_rounds_run_other_collectives_refuse_every_round():
-    for rank, got in enumerate(run_world(_options_differ, 2, timeout=120)):
+    for rank, got in enumerate(run_world(_options_differ, 2, _predicted.LIMIT, timeout=240)):
         for outcome in got["outcomes"]:
             assert outcome["error"] == "ReplicaMismatchError", (rank, outcome)
             assert "donate=False" in outcome["message"] and "donate=True" in outcome["message"]
             assert outcome["unchanged"], (rank, outcome)
+
+
+def _donated(rank: int, world: int) -> dict[str, Any]:
+    # a donated round in a group of two runs as the pure one: once its rounds
+    # repeat, one collective with the check in its data; the donated params
+    # are not written (a failed check would otherwise have mixed them)
+    reduce = collectives.all_reduce_mean(timeout=60)
+    avg = avgfn.periodic(1, reduce=reduce, round=avgfn.Round(donate=True))
+    params = _params(rank)
+    state = avg.init(params)
+    calls, equal, untouched = [], [], []
+    for step in range(6):
+        donated = {k: v.clone() for k, v in params.items()}
+        (out, state), n = _counted(lambda: avg.update(donated, state, step))
+        calls.append(n)
+        equal.append(all(torch.equal(out[k], _torch_mean(params)[k]) for k in params))
+        untouched.append(all(torch.equal(donated[k], params[k]) for k in params))
+    donated = {k: v.clone() for k, v in params.items()}
+    if rank == 1:
+        donated["w"][3, 1] = float("nan")
+    nan = _outcome(lambda: avg.update(donated, state, 6), donated)
+    return {"calls": calls, "equal": equal, "untouched": untouched, "nan": nan}
+
+
+def test_a_donated_round_in_a_pair_is_one_collective_and_writes_nothing_it_may_refuse():
+    for rank, got in enumerate(run_world(_donated, 2, timeout=120)):
+        assert got["calls"] == [[4, 124]] * 3 + [[124 + _predicted.CHECK]] * 3, (rank, got)
+        assert got["equal"] == [True] * 6 and got["untouched"] == [True] * 6, (rank, got)
+        assert got["nan"]["error"] == "NonFiniteError" and got["nan"]["unchanged"], (rank, got)
+        assert "restore" not in got["nan"]["message"], (rank, got)  # nothing was written
 
 
 def _regrouped(rank: int, world: int, store: str) -> dict[str, Any]:

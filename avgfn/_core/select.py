@@ -69,7 +69,9 @@ def selection(where: Where, params: Any, leaves: list[Any], flat: Any) -> list[b
 
 
 def _selection(where: Where, params: Any, leaves: list[Any], flat: Any) -> list[bool]:
-    if where is None:
+    if where is None:  # selects tensors only: nothing to check below
+        if not torch.compiler.is_compiling() and _tree.all_tensors(leaves):
+            return list(map(torch.Tensor.is_floating_point, leaves))  # one C loop
         return [default_selected(leaf) for leaf in leaves]
     if callable(where):
         mask = []

@@ -191,6 +191,22 @@ def settle(tensor: Any) -> Any:
     return tensor
 
 
+_PLAIN = {torch.Tensor, torch.nn.Parameter}
+"""Tensor types that are never a result in flight."""
+
+
+def settle_all(tensors: list[Any]) -> list[Any]:
+    """`settle()` of each of ``tensors``; ``tensors`` itself when none is a result in flight.
+
+    Eagerly, plain tensors are told apart by the set of their types (a C
+    loop) instead of a Python call per tensor.
+    """
+    if not torch.compiler.is_compiling() and set(map(type, tensors)) <= _PLAIN:
+        return tensors
+    settled = [settle(t) for t in tensors]
+    return tensors if all(a is b for a, b in zip(settled, tensors)) else settled
+
+
 _GROUP_TYPES: dict[type, bool] = {}
 
 

@@ -15,9 +15,11 @@ On any failure the caller's tensors are unchanged, except those it donated.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any, Optional
 
+import attrs
 import torch
 
 from avgfn._core import select as _select
@@ -224,17 +226,17 @@ def _reduce_local(
     """
     policy = rnd.nonfinite if policy is None else policy
     if rnd.donate:  # a leaf still in flight (a mean not read yet) is written once it is there
-        settled = [_types.settle(leaf) for leaf in leaves]
-        if any(a is not b for a, b in zip(settled, leaves)):
-            leaves = settled
-    exchange = policy != "ignore" and (rnd.donate or policy == "exclude")  # the health flag
+        leaves = _types.settle_all(leaves)
     if refusal is None and leaves:
         try:
             _check_leaves(leaves, rnd, names)
         except (TypeError, ValueError) as error:
             refusal = error
-    limit = _wire_limit(rnd)
     facts = _facts.facts(leaves) if leaves else None
+    if rnd.donate and facts is not None and _pure_is_one_collective(rnd, reduce, facts, policy, sharding):
+        rnd = _undonated(rnd)
+    exchange = policy != "ignore" and (rnd.donate or policy == "exclude")  # the health flag
+    limit = _wire_limit(rnd)
     gate, carried = _agreement(
         leaves, reduce, rnd, policy, exchange, refusal, limit, step, names, key, sharding, combine, facts
     )
@@ -283,6 +285,40 @@ def _reduce_local(
     return averaged, new_res
 
 
+def _pure_is_one_collective(
+    rnd: Round, reduce: Reduce, facts: _facts.Facts, policy: str, sharding: Optional[tuple[str, ...]]
+) -> bool:
+    """Whether a donated round is cheaper run as the pure round: one collective, its check in its data.
+
+    In a group of two, a plain round of at most `avgfn._round.predicted.LIMIT`
+    elements carries its agreement in its data collective. A donated round
+    cannot (its collective writes into the donated leaves, which a failed
+    check must leave as they were), so it runs the check first and its data
+    after; on such a round the second collective's latency costs more than
+    the copy into a fresh buffer that donation saves. Every replica decides
+    alike: the decision depends only on options the replicas agree on and on
+    the round's layout, which the check compares.
+    """
+    if not rnd.agree or rnd.bucket_bytes is not None or rnd.comm_dtype is not None or rnd.error_feedback:
+        return False
+    if policy == "exclude" or sharding is not None:  # their health exchange comes first anyway
+        return False
+    return _predicted.history(reduce) is not None and _predicted.layout(facts, reduce) is not None
+
+
+_UNDONATED: dict[Round, Round] = {}
+
+
+def _undonated(rnd: Round) -> Round:
+    """``rnd`` without donation (kept: building a `Round` validates every option)."""
+    found = _UNDONATED.get(rnd)
+    if found is None:
+        if len(_UNDONATED) >= 16:
+            _UNDONATED.clear()
+        found = _UNDONATED[rnd] = attrs.evolve(rnd, donate=False)
+    return found
+
+
 def _agreement(
     leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, policy: str, exchange: bool,
     refusal: Optional[Exception], limit: Optional[float], step: Optional[int], names: Names, key: Any,
@@ -304,7 +340,9 @@ def _agreement(
     local = None
     if exchange and policy in ("raise", "skip") and refusal is None and leaves and not traced(leaves[0]):
         if _types.carries_flags(reduce):
-            local = _health.local_health(leaves, limit, combine)
+            group = _types.group_of(reduce)
+            pair = group is not None and group.size == 2 and group.divisor() == 2
+            local = _health.local_health(leaves, limit, combine, pair)
     # also with no leaf: the peers must learn that this replica averages nothing
     devices = 0 if facts is None else 1 if facts.device is not None else len({leaf.device for leaf in leaves})
     # everything that decides which collectives the round runs (one, or the check first)
@@ -372,17 +410,19 @@ def average_tree(
     """
     leaves, flat = _tree.flatten(params)
     mask = _select.selection(where, params, leaves, flat)
-    chosen = [i for i, selected in enumerate(mask) if selected]
+    chosen = list(itertools.compress(range(len(mask)), mask))
     if not chosen:
         reduce_round([], reduce, rnd, step=step, names=lambda: [], key=(flat.key, ()))
         return params, residual
     names = _tree.lazy_paths(params, chosen)
-    selected = [leaves[i] for i in chosen]
+    every = len(chosen) == len(leaves)
+    selected = leaves if every else [leaves[i] for i in chosen]
     res_leaves = refusal = None
     try:  # checks of what this replica alone holds: its peers learn of a failure
         _check_leaves(selected, rnd, names)
         if rnd.donate:
-            check_donatable([_sharded.local(t) for t in leaves], mask, lambda i: _tree.path_of(params, i))
+            local = [_sharded.local(t) for t in leaves] if _sharded.any_dtensor(leaves) else leaves
+            check_donatable(local, mask, lambda i: _tree.path_of(params, i))
         if rnd.error_feedback:
             res_leaves = _residual_leaves(residual, leaves)
     except (TypeError, ValueError) as error:
@@ -393,9 +433,12 @@ def average_tree(
     )  # fmt: skip
     if averaged is selected:  # the round was skipped
         return params, residual
-    new_leaves = list(leaves)
-    for i, value in zip(chosen, averaged):
-        new_leaves[i] = value
+    if every:
+        new_leaves = averaged
+    else:
+        new_leaves = list(leaves)
+        for i, value in zip(chosen, averaged):
+            new_leaves[i] = value
     new_residual = residual
     if new_res is not None and res_leaves is not None:
         for i, res in zip(chosen, new_res):

@@ -10,6 +10,7 @@ and device once and keeps the answers for a layout it has seen before.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -30,9 +31,13 @@ class Facts:
         mean is not truncated before the cast back).
       uniform: every leaf has that dtype.
       device: the device of every leaf, or ``None`` when they are on several.
+      solid: every leaf has at least one dimension and one element (what
+        `torch._chunk_cat` takes).
+      shaped: ``(index, shape)`` of each leaf that is not 1-D (its piece of a
+        flat buffer needs a view of its own shape).
     """
 
-    __slots__ = ("signature", "numels", "count", "dtype", "uniform", "device")
+    __slots__ = ("signature", "numels", "count", "dtype", "uniform", "device", "solid", "shaped")
 
     def __init__(self, signature: Signature) -> None:
         self.signature = signature
@@ -42,6 +47,8 @@ class Facts:
         self.uniform = all(dtype == self.dtype for _, dtype, _ in signature)
         devices = {device for _, _, device in signature}
         self.device: Optional[torch.device] = signature[0][2] if len(devices) == 1 else None
+        self.solid = all(len(shape) > 0 for shape, _, _ in signature) and all(self.numels)
+        self.shaped = [(i, shape) for i, (shape, _, _) in enumerate(signature) if len(shape) != 1]
 
 
 def promoted(dtypes: set[torch.dtype]) -> torch.dtype:
@@ -54,15 +61,17 @@ def promoted(dtypes: set[torch.dtype]) -> torch.dtype:
     return dtype
 
 
+_SIGNATURE = operator.attrgetter("shape", "dtype", "device")
+
 _KNOWN: dict[tuple[Signature, torch.dtype], Facts] = {}
 _KEEP = 64
 
 
 def facts(leaves: list[torch.Tensor]) -> Facts:
     """The `Facts` of ``leaves`` (at least one), kept for layouts seen before."""
-    signature = tuple([(leaf.shape, leaf.dtype, leaf.device) for leaf in leaves])
     if torch.compiler.is_compiling():  # a traced graph must not guard on this cache
-        return Facts(signature)
+        return Facts(tuple([(leaf.shape, leaf.dtype, leaf.device) for leaf in leaves]))
+    signature = tuple(map(_SIGNATURE, leaves))  # one C loop over the leaves
     key = (signature, torch.get_default_dtype())  # integer leaves alone take the default dtype
     found = _KNOWN.get(key)
     if found is None:

@@ -11,7 +11,8 @@ precision wire (``Round(comm_dtype=torch.float16)``). The policies of
   A donating round writes results into the params as they arrive, so with
   ``donate=True`` the replicas first exchange one small health flag (which
   counts a value past the wire dtype's range as unhealthy) and raise before
-  any data moves.
+  any data moves (unless the round runs as a pure one: see
+  `avgfn._round.engine`).
 * ``"skip"``: as ``"raise"``, but every replica returns its params unchanged
   instead of raising.
 * ``"exclude"``: the replicas first exchange the health flag; the healthy
@@ -257,10 +258,41 @@ def plan(
     return Plan(_rescaled(reduce, healthy), mask=ok, check=True)
 
 
+_SUMMABLE = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _pair_finite(leaves: list[torch.Tensor]) -> Optional[bool]:
+    """Whether ``leaves`` are finite, read as a sum (``None``: leaves this test does not take).
+
+    A NaN or an infinity makes the sum non-finite; so may finite values
+    whose sum overflows, which are then judged again by their extremes. A
+    sum is the cheapest read of a buffer (``aminmax`` costs about half as
+    much again on a CPU).
+    """
+    if not leaves or any(leaf.dtype not in _SUMMABLE for leaf in leaves):
+        return None
+    span = _one_span(leaves)
+    sums = [leaf.detach().sum().reshape(1).to(torch.float64) for leaf in ([span] if span is not None else leaves)]
+    if bool(torch.isfinite(torch.cat(sums)).all()):
+        return True
+    return bool(_judge(_extremes_of(leaves), leaves, None))
+
+
 def local_health(
-    leaves: list[torch.Tensor], limit: Optional[float], combine: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    leaves: list[torch.Tensor], limit: Optional[float], combine: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    pair: bool = False,
 ) -> tuple[bool, bool]:
-    """``(ok, roomy)`` of this replica's leaves, read on the host: the flags `plan()` exchanges."""
+    """``(ok, roomy)`` of this replica's leaves, read on the host: the flags `plan()` exchanges.
+
+    ``pair``: the group has two replicas, each dividing by 2 before the sum,
+    on an exact wire. There the sum of the two halves of finite values
+    cannot overflow (its exact value is at most the dtype's largest), so
+    every finite replica has room, and finiteness alone is read.
+    """
+    if pair and limit is None and combine is None:
+        finite_ = _pair_finite(leaves)
+        if finite_ is not None:
+            return finite_, finite_
     values = _extremes_of(leaves)
     ok, roomy = _judge(values, leaves, limit), _roomy(values, leaves, limit)
     if combine is not None:

@@ -45,9 +45,12 @@ class Round:
     """How an averaging round runs: one validated value, passed whole to any averager.
 
     Args:
-      donate: ``update`` consumes the params it is given and writes the
+      donate: ``update`` consumes the params it is given and may write the
         average into them (no allocation when they tile one storage); the
-        caller must use the returned params (see ``docs/performance.md``).
+        caller must use the returned params. In a group of two, a round
+        whose check can travel in its data (at most 2**23 elements, see
+        ``docs/round.md``) runs as the pure round does instead, one
+        collective, and leaves them unwritten (see ``docs/performance.md``).
       bucket_bytes: stage at most this many bytes at a time (two buffers of
         half the size, one packed while the other is on the wire), ``>= 16``.
       comm_dtype: the dtype the Reduce sees (``torch.bfloat16`` halves the

@@ -45,9 +45,10 @@ Only groups of two replicas take this path: the sum of two values does not
 depend on the order gloo adds them in, so appending the check keeps the
 bits of the round whose agreement comes first; in a larger group a longer
 buffer changes how the collective splits it, and with it the rounding.
-Donated rounds (which write as they go) and rounds with buckets, a
-reduced-precision wire, error feedback, a health exchange, DTensor shards,
-or results in flight keep the agreement first; so do rounds of more than
+Rounds with buckets, a reduced-precision wire, error feedback, a health
+exchange, DTensor shards, or results in flight keep the agreement first
+(a donated round, which would write as it reduces, runs as a plain one
+where this path is open to it: `avgfn._round.engine`); so do rounds of more than
 `LIMIT` elements, where a wrong prediction would waste a large collective
 and the agreement is a small part of the round.
 """

@@ -191,8 +191,8 @@ def settle(tensor: Any) -> Any:
     return tensor
 
 
-_PLAIN = {torch.Tensor, torch.nn.Parameter}
-"""Tensor types that are never a result in flight."""
+PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+"""Tensor types with nothing of their own: never a result in flight, nor a DTensor."""
 
 
 def settle_all(tensors: list[Any]) -> list[Any]:
@@ -201,7 +201,7 @@ def settle_all(tensors: list[Any]) -> list[Any]:
     Eagerly, plain tensors are told apart by the set of their types (a C
     loop) instead of a Python call per tensor.
     """
-    if not torch.compiler.is_compiling() and set(map(type, tensors)) <= _PLAIN:
+    if not torch.compiler.is_compiling() and set(map(type, tensors)) <= PLAIN_TENSORS:
         return tensors
     settled = [settle(t) for t in tensors]
     return tensors if all(a is b for a, b in zip(settled, tensors)) else settled

@@ -50,7 +50,6 @@ _CHUNK = 1 << 20
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _NBYTES = operator.attrgetter("nbytes")
-_PLAIN = {torch.Tensor, torch.nn.Parameter}
 
 _chunk_cat: Optional[Callable[..., Any]] = getattr(torch, "_chunk_cat", None)
 """Flattens and concatenates tensors into one buffer in one call (absent from older torch)."""
@@ -143,7 +142,7 @@ def _apart(leaves: list[Any]) -> bool:
     """
     if torch.compiler.is_compiling() or not leaves:
         return False
-    if not set(map(type, leaves)) <= _PLAIN or not all(map(torch.Tensor.is_contiguous, leaves)):
+    if not set(map(type, leaves)) <= _types.PLAIN_TENSORS or not all(map(torch.Tensor.is_contiguous, leaves)):
         return False
     starts = list(map(torch.Tensor.data_ptr, leaves))
     sizes = list(map(_NBYTES, leaves))
@@ -334,7 +333,8 @@ class Buffers:
         flattens as it copies (FSDP2 packs its shards with it), without a
         Python view per leaf.
         """
-        if _chunk_cat is not None and self.capacity is None and self.facts.solid and self.facts.uniform and not traced(self.leaves[0]):
+        whole = self.capacity is None and self.facts.solid and self.facts.uniform
+        if _chunk_cat is not None and whole and not traced(self.leaves[0]):
             _chunk_cat(self.leaves, 0, 1, out=buf.view(1, -1))
         else:
             torch.cat(self.sources(bucket), out=buf)

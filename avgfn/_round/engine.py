@@ -299,7 +299,7 @@ def _pure_is_one_collective(
     alike: the decision depends only on options the replicas agree on and on
     the round's layout, which the check compares.
     """
-    if not rnd.agree or rnd.bucket_bytes is not None or rnd.comm_dtype is not None or rnd.error_feedback:
+    if not rnd.agree or rnd.bucket_bytes is not None or rnd.comm_dtype is not None:  # (error feedback needs a comm_dtype)
         return False
     if policy == "exclude" or sharding is not None:  # their health exchange comes first anyway
         return False

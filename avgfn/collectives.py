@@ -391,7 +391,8 @@ class GroupMean:
         limit = "the group's timeout" if self.timeout is None else f"timeout {self.timeout:g}s"
         return PeerError(
             f"all_reduce_mean over {self.describe()} failed after {waited:.2f}s ({limit}): "
-            f"a peer died, stalled or left the group. The params and state passed to update "
+            f"a peer died, stalled or left the group, or is out of step (at this step its "
+            f"schedule runs no round, or a round over another group). The params and state passed to update "
             f"are unchanged. Cause: {error}",
             group=self.describe(),
             timeout=self.timeout,
@@ -418,25 +419,46 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
         for who, entries_of in ((ranks[0], mine), (rank, theirs)):
             if "<refused>" in entries_of:
                 return f"rank {who} refused the round ({entries_of['<refused>']})"
+        leaves = _leaf_difference(first, other, ranks[0], rank)
+        if leaves is not None:  # before the options: a replica's leaves also decide its devices
+            return leaves
         if mine.get("<round>") != theirs.get("<round>"):
             return (
                 f"rank {ranks[0]} runs its rounds as {mine.get('<round>')}, rank {rank} as "
                 f"{theirs.get('<round>')} (build every replica's averager with the same Round)"
             )
-        for path, what in first:
-            if path in ("<values>", "<step>", "<round>", "<refused>"):
-                continue
-            if path not in theirs:
-                return f"rank {ranks[0]} has {path}: {what}, rank {rank} has no leaf {path}"
-            if theirs[path] != what:
-                return f"rank {ranks[0]} has {path}: {what}, rank {rank} has {path}: {theirs[path]}"
-        for path, what in other:
-            if path not in ("<values>", "<step>", "<round>", "<refused>") and path not in mine:
-                return f"rank {ranks[0]} has no leaf {path}, rank {rank} has {path}: {what}"
         if mine.get("<values>") != theirs.get("<values>"):
             return f"rank {ranks[0]} and rank {rank} start from different values"
         return f"rank {ranks[0]} and rank {rank} hold the same leaves in a different order"
     return "their signatures differ"
+
+
+_SPECIAL = ("<values>", "<step>", "<round>", "<refused>")
+
+
+def _leaf_difference(
+    first: list[tuple[str, str]], other: list[tuple[str, str]], rank_a: int, rank_b: int
+) -> Optional[str]:
+    """Name the first leaf that one rank averages and the other does not, or holds otherwise."""
+    mine = [(path, what) for path, what in first if path not in _SPECIAL]
+    theirs = [(path, what) for path, what in other if path not in _SPECIAL]
+    for empty, full, who, peer in ((mine, theirs, rank_a, rank_b), (theirs, mine, rank_b, rank_a)):
+        if not empty and full:
+            path, what = full[0]
+            return (
+                f"rank {who} averages no leaf in this round (its selection is empty), rank {peer} "
+                f"averages {len(full)} (the first: {path}: {what})"
+            )
+    held, held_by_other = dict(mine), dict(theirs)
+    for path, what in mine:
+        if path not in held_by_other:
+            return f"rank {rank_a} has {path}: {what}, rank {rank_b} has no leaf {path}"
+        if held_by_other[path] != what:
+            return f"rank {rank_a} has {path}: {what}, rank {rank_b} has {path}: {held_by_other[path]}"
+    for path, what in theirs:
+        if path not in held:
+            return f"rank {rank_a} has no leaf {path}, rank {rank_b} has {path}: {what}"
+    return None
 
 
 class _PendingMean:

@@ -172,6 +172,15 @@ def test_replicas_that_select_other_leaves_all_raise_before_anything_is_mixed(wo
     assert SEL_DIFF in world[0]["sizes"]["message"]
 
 
+def test_a_replica_that_selects_nothing_is_named_as_such(world):
+    # not as a difference of Round options: its empty round runs on no device
+    for rank in (0, 1):
+        message = world[rank]["nothing"]["message"]
+        assert "rank 0 averages no leaf in this round (its selection is empty), rank 1 averages 1 " \
+            "(the first: ['a']: (3,) torch.float32)" in message, message
+        assert "build every replica's averager with the same Round" not in message
+
+
 def test_replicas_out_of_step_all_raise_naming_the_steps(world):
     for rank in (0, 1):
         r = world[rank]["desync"]

@@ -368,6 +368,11 @@ class ForwardingReduce:
         """Whether the inner Reduce says its results are in flight (see [`GroupReduce`][avgfn.GroupReduce])."""
         return getattr(self.inner, "in_flight", False) is True
 
+    def history_token(self) -> Any:
+        """The process group behind the inner Reduce (``None`` when it does not say)."""
+        group = group_of(self.inner)
+        return group.history_token() if group is not None and hasattr(group, "history_token") else None
+
     def start(self, tensor: torch.Tensor) -> Pending:
         self.observe(tensor, False)
         return start(self.inner, tensor)

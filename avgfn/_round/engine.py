@@ -347,9 +347,16 @@ def _agreement(
     devices = 0 if facts is None else 1 if facts.device is not None else len({leaf.device for leaf in leaves})
     # everything that decides which collectives the round runs (one, or the check first)
     held = getattr(_types.group_of(reduce), "in_flight", False) is True
+    # and what the group's Reduce can do that changes them (a wrapper may hide it on one replica)
+    group = _types.group_of(reduce)
+    able = ""
+    if group is not None and group.size == 2:  # a pair may carry its check in its data
+        able += f", predicts={_predicted.history(reduce) is not None}"
+    if exchange and policy in ("raise", "skip"):  # the flags travel with the check, or on their own
+        able += f", flags in check={_types.carries_flags(reduce)}"
     wire = (
         f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}, "
-        f"devices={devices}, donate={rnd.donate}, in flight={held}"
+        f"devices={devices}, donate={rnd.donate}, in flight={held}{able}"
     )
     refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
     flags = None if local is None else [int(not local[0]), int(not local[1])]

@@ -137,20 +137,35 @@ class History:
 
 
 _HISTORIES: "weakref.WeakKeyDictionary[Any, tuple[Any, History]]" = weakref.WeakKeyDictionary()
+"""The history of each group-backed Reduce that cannot name its process group."""
+
+_BY_PROCESS_GROUP: "weakref.WeakKeyDictionary[Any, History]" = weakref.WeakKeyDictionary()
+"""The history of each process group, shared by every Reduce over it."""
 
 
 def history(reduce: Reduce) -> Optional[History]:
     """The history of ``reduce``'s group, when its rounds may be predicted (else ``None``).
 
     A group that can tell which process group is behind it (``history_token()``,
-    as ``all_reduce_mean`` can) starts a new history when that changes: a
-    default group destroyed and created again holds new peers, who have
-    none.
+    as ``all_reduce_mean`` can) shares one history with every other Reduce
+    over that process group: two averagers, each with its own
+    ``all_reduce_mean()`` over one group, run their rounds on one sequence of
+    collectives, which both replicas must predict alike. A new process group
+    (a default group destroyed and created again holds new peers) starts a
+    new history.
     """
     group = _types.group_of(reduce)
     if group is None or getattr(group, "agree_in_data", False) is not True:
         return None
     token = group.history_token() if hasattr(group, "history_token") else None
+    if token is not None:
+        try:
+            shared = _BY_PROCESS_GROUP.get(token)
+            if shared is None:
+                shared = _BY_PROCESS_GROUP[token] = History()
+            return shared
+        except TypeError:  # a token that cannot be weakly referenced: keyed by the Reduce below
+            pass
     found = _HISTORIES.get(group)
     if found is None or found[0] is not token:
         found = _HISTORIES[group] = (token, History())

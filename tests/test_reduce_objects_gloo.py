@@ -14,7 +14,10 @@ the health flags spares a collective. So:
   collectives as one that does not wrap it;
 * a replica whose Reduce cannot do what its peers' can (a wrapper that does
   not say so, or that watches ``agree()``) is caught at its first round by
-  the check, which names the difference.
+  the check, which names the difference;
+* the weighted averagers (``weighted``, ``fedavg``, ``fedavgm``) check their
+  replicas before the weights' collective and run the data round without a
+  check of its own: that first check covers the data round's options too.
 
 A rank that aborts inside gloo (collectives of other sizes) shows as exit
 code -6 in the faulty-world harness: every test requires all ranks to exit
@@ -135,3 +138,27 @@ def test_a_replica_whose_reduce_cannot_carry_the_health_flags_is_caught_not_abor
         r = outcome.results[rank]
         assert r["error"] == "ReplicaMismatchError", (rank, r)
         assert "flags in check=" in r["message"], r["message"]
+
+
+def _weighted_options_differ(rank: int, world_size: int, algo: str, option: str) -> dict[str, Any]:
+    other = avgfn.Round(bucket_bytes=16) if option == "bucket" else avgfn.Round(comm_dtype=torch.bfloat16)
+    rnd = other if rank == 0 else avgfn.Round()
+    reduce = avgfn.collectives.all_reduce_mean(timeout=10)
+    avg = getattr(avgfn, algo)(1, reduce=reduce, weight=1.0 + rank, round=rnd)
+    state = avg.init({"a": torch.ones(64), "b": torch.ones(3, 2)})
+    params = {"a": torch.full((64,), float(rank + 2)), "b": torch.full((3, 2), float(rank + 2))}
+    kept = {k: v.clone() for k, v in params.items()}
+    out = _outcome(lambda: avg.update(params, state, 0))
+    out["unchanged"] = all(torch.equal(kept[k], params[k]) for k in params)
+    return out
+
+
+@pytest.mark.parametrize("algo, option", [("weighted", "bucket"), ("fedavg", "comm"), ("fedavgm", "bucket")])
+def test_weighted_replicas_built_with_other_round_options_all_raise_instead_of_aborting(algo, option):
+    # the weights' round runs before the data's: its check must cover the data's options
+    outcome = run_faulty_world(_weighted_options_differ, 2, algo, option, deadline=90)
+    assert outcome.exitcodes == {0: 0, 1: 0}, outcome
+    for rank in (0, 1):
+        r = outcome.results[rank]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)
+        assert "runs its rounds as weighted:" in r["message"], r["message"]

@@ -45,6 +45,11 @@ from avgfn.optim._sgd import sgd
 
 __all__ = ["WeightedState", "fedavg", "fedavgm", "weighted"]
 
+
+def _wire(rnd: Any) -> str:
+    """What decides a weighted round's collectives besides its leaves (compared by its check)."""
+    return f"weighted: comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, donate={rnd.donate}"
+
 # numbers.Real: any real number is accepted (a Fraction, a NumPy scalar), not only float and int.
 Weight = Union[
     float, int, numbers.Real, torch.Tensor, Callable[[Params, int], Union[float, int, torch.Tensor]]
@@ -119,7 +124,7 @@ def weighted_mean(
     # Before the weights move the replicas agree on the leaves and the step (not while
     # torch.compile traces: the check is host-side, and skipped there, see docs/round.md).
     if rnd.agree and not torch.compiler.is_compiling():
-        start_round(list(tensors), reduce, step, names, None).wait()
+        start_round(list(tensors), reduce, step, names, None, _wire(rnd)).wait()
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
     info = torch.stack([torch.where(bad, torch.zeros_like(weight), weight), bad.to(torch.float64)])
@@ -311,7 +316,7 @@ def weighted(
         leaves, spec, chosen = selected(params, where)
         if not chosen:
             if rnd.agree:  # the peers must learn that this replica averages nothing
-                start_round([], reduce, step, lambda: [], None).wait()
+                start_round([], reduce, step, lambda: [], None, _wire(rnd)).wait()
             return params, state.replace(rounds=state.rounds + 1)
         local = tuple(leaves[i] for i in chosen)
         w = _weight_value(weight, params, step, state.rounds.device)

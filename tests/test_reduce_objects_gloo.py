@@ -17,7 +17,10 @@ the health flags spares a collective. So:
   the check, which names the difference;
 * the weighted averagers (``weighted``, ``fedavg``, ``fedavgm``) check their
   replicas before the weights' collective and run the data round without a
-  check of its own: that first check covers the data round's options too.
+  check of its own: that first check covers the data round's options too;
+* a replica that checks its replicas (``init``, an outer-step averager's
+  first round) while its peer runs a round the group's history predicts
+  takes part in that round first, then meets its peer's check.
 
 A rank that aborts inside gloo (collectives of other sizes) shows as exit
 code -6 in the faulty-world harness: every test requires all ranks to exit
@@ -162,3 +165,27 @@ def test_weighted_replicas_built_with_other_round_options_all_raise_instead_of_a
         r = outcome.results[rank]
         assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)
         assert "runs its rounds as weighted:" in r["message"], r["message"]
+
+
+def _init_against_a_predicted_round(rank: int, world_size: int) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    avg = avgfn.periodic(1, reduce=avgfn.collectives.all_reduce_mean(timeout=10))
+    params = {"a": torch.full((8,), float(rank)), "b": torch.ones(3, 2)}
+    state = avg.init(params)
+    for step in range(5):  # the group's history now predicts the next round
+        params, state = avg.update(params, state, step)
+    kept = {k: v.clone() for k, v in params.items()}
+    # rank 1 builds its state again (init checks the replicas) while rank 0 goes on
+    out = _outcome(lambda: avg.update(params, state, 5) if rank == 0 else avg.init(params))
+    out["unchanged"] = all(torch.equal(kept[k], params[k]) for k in params)
+    return out
+
+
+def test_a_replica_that_checks_its_replicas_while_its_peer_runs_a_predicted_round_is_caught_not_aborted():
+    # init's check (and the outer-step averagers' first-round check) takes part in the
+    # round its peer's history predicts, as a round of another kind, then meets its check
+    outcome = run_faulty_world(_init_against_a_predicted_round, 2, deadline=90)
+    assert outcome.exitcodes == {0: 0, 1: 0}, outcome
+    for rank in (0, 1):
+        r = outcome.results[rank]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)

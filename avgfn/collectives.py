@@ -37,6 +37,9 @@ milliseconds (the usual bound of an int32 millisecond timer) is far below
 that and verified to wait as asked.
 """
 
+MIN_TIMEOUT_S = 0.001
+"""The shortest timeout a round can honour: one millisecond (the backend counts whole ones)."""
+
 
 def _seconds(timeout: Timeout) -> Optional[float]:
     """``timeout`` in seconds, refusing what the backend cannot honour (``ValueError``)."""
@@ -55,6 +58,11 @@ def _seconds(timeout: Timeout) -> Optional[float]:
         raise ValueError(f"timeout must be a finite number of seconds, got {timeout!r}")
     if not value > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if value < MIN_TIMEOUT_S:
+        raise ValueError(
+            f"timeout must be at least {MIN_TIMEOUT_S:g} seconds (the backend counts whole "
+            f"milliseconds, and reads 0 as no timeout at all), got {timeout!r}"
+        )
     if value > MAX_TIMEOUT_S:
         raise ValueError(
             f"timeout must be at most {MAX_TIMEOUT_S:g} seconds (2**31 - 1 ms, about 24.8 days; "

@@ -332,6 +332,15 @@ def test_the_largest_timeout_waits_on_gloo(gloo_of_one):
         avgfn.collectives.all_reduce_mean(timeout=math.inf)
 
 
+@pytest.mark.parametrize("timeout", [1e-4, 0.0009, datetime.timedelta(microseconds=500)])
+def test_a_timeout_under_a_millisecond_is_refused(timeout):
+    # a timedelta of 0.5 ms reaches the backend as 0 ms, which it reads as "no timeout":
+    # a round would wait for a stalled peer for the group's own timeout
+    with pytest.raises(ValueError, match="timeout must be at least 0.001 seconds"):
+        avgfn.collectives.all_reduce_mean(timeout=timeout)
+    assert avgfn.collectives.all_reduce_mean(timeout=0.001).timeout == 0.001
+
+
 # --- avgfn.Round ------------------------------------------------------------------------
 
 

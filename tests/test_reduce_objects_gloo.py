@@ -47,6 +47,14 @@ def _outcome(fn: Any) -> dict[str, Any]:
         return {"error": type(e).__name__, "message": str(e)}
 
 
+def _outcome_on(params: dict[str, torch.Tensor], fn: Any) -> dict[str, Any]:
+    """`_outcome()` of ``fn``, and whether ``params`` hold the same values after it."""
+    kept = {k: v.clone() for k, v in params.items()}
+    out = _outcome(fn)
+    out["unchanged"] = all(torch.equal(kept[k], params[k]) for k in params)
+    return out
+
+
 def _two_reduce_objects(rank: int, world_size: int) -> dict[str, Any]:
     warnings.simplefilter("ignore")  # period 1
     C = avgfn.collectives
@@ -57,11 +65,8 @@ def _two_reduce_objects(rank: int, world_size: int) -> dict[str, Any]:
     for step in range(6):  # the rounds take turns: the group's history predicts them
         params, s1 = first.update(params, s1, step)
         params, s2 = second.update(params, s2, step)
-    kept = {k: v.clone() for k, v in params.items()}
     # rank 1 runs the second averager's round where the first one's is due
-    out = _outcome(lambda: (first if rank == 0 else second).update(params, s1 if rank == 0 else s2, 6))
-    out["unchanged"] = all(torch.equal(kept[k], params[k]) for k in params)
-    return out
+    return _outcome_on(params, lambda: (first if rank == 0 else second).update(params, s1 if rank == 0 else s2, 6))
 
 
 def test_two_reduce_objects_over_one_group_share_its_history_and_catch_a_replica_out_of_turn():
@@ -150,10 +155,7 @@ def _weighted_options_differ(rank: int, world_size: int, algo: str, option: str)
     avg = getattr(avgfn, algo)(1, reduce=reduce, weight=1.0 + rank, round=rnd)
     state = avg.init({"a": torch.ones(64), "b": torch.ones(3, 2)})
     params = {"a": torch.full((64,), float(rank + 2)), "b": torch.full((3, 2), float(rank + 2))}
-    kept = {k: v.clone() for k, v in params.items()}
-    out = _outcome(lambda: avg.update(params, state, 0))
-    out["unchanged"] = all(torch.equal(kept[k], params[k]) for k in params)
-    return out
+    return _outcome_on(params, lambda: avg.update(params, state, 0))
 
 
 @pytest.mark.parametrize("algo, option", [("weighted", "bucket"), ("fedavg", "comm"), ("fedavgm", "bucket")])
@@ -174,11 +176,8 @@ def _init_against_a_predicted_round(rank: int, world_size: int) -> dict[str, Any
     state = avg.init(params)
     for step in range(5):  # the group's history now predicts the next round
         params, state = avg.update(params, state, step)
-    kept = {k: v.clone() for k, v in params.items()}
     # rank 1 builds its state again (init checks the replicas) while rank 0 goes on
-    out = _outcome(lambda: avg.update(params, state, 5) if rank == 0 else avg.init(params))
-    out["unchanged"] = all(torch.equal(kept[k], params[k]) for k in params)
-    return out
+    return _outcome_on(params, lambda: avg.update(params, state, 5) if rank == 0 else avg.init(params))
 
 
 def test_a_replica_that_checks_its_replicas_while_its_peer_runs_a_predicted_round_is_caught_not_aborted():

@@ -46,7 +46,7 @@ from avgfn.optim._sgd import sgd
 __all__ = ["WeightedState", "fedavg", "fedavgm", "weighted"]
 
 
-def _wire(rnd: Any) -> str:
+def _wire(rnd: Round) -> str:
     """What decides a weighted round's collectives besides its leaves (compared by its check)."""
     return f"weighted: comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, donate={rnd.donate}"
 

@@ -91,17 +91,15 @@ def verify(params: Any, reduce: Reduce, mode: Optional[str]) -> None:
     if leaves and traced(leaves[0]):
         return
     digest, entries = signature(params, mode)
-    history = _predicted.history(reduce)
-    if history is None:
+    # On a group that keeps a history, as a round of no predictable layout: a peer
+    # may be in a predicted round (a replica that builds its averager again, or
+    # resumes, while they go on); this replica takes part in it first, and the
+    # peers' check that follows meets this one.
+    gate = _predicted.start(reduce, None, digest, lambda: entries, None)
+    if gate is None:
         _types.agree(reduce, digest, lambda: entries)
-        return
-    # On a group whose peers may be in a predicted round (a replica that builds
-    # its averager again, or resumes, while they go on), take part in it first,
-    # as a round of another kind: the peers then run their check, which meets this one.
-    predicted = history.predicted()
-    if predicted is not None:
-        _predicted.decline(reduce, history, predicted)
-    _predicted.Recorded(history, None, _types.start_agree(reduce, digest, lambda: entries)).wait()
+    else:
+        gate.wait()
 
 
 _STRUCTURES: dict[Any, bytes] = {}

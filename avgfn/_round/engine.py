@@ -338,21 +338,21 @@ def _agreement(
             raise refusal
         return _types.AGREED, None
     local = None
-    if exchange and policy in ("raise", "skip") and refusal is None and leaves and not traced(leaves[0]):
+    group = _types.group_of(reduce)
+    in_check = exchange and policy in ("raise", "skip")  # health flags that may travel with the check
+    if in_check and refusal is None and leaves and not traced(leaves[0]):
         if _types.carries_flags(reduce):
-            group = _types.group_of(reduce)
             pair = group is not None and group.size == 2 and group.divisor() == 2
             local = _health.local_health(leaves, limit, combine, pair)
     # also with no leaf: the peers must learn that this replica averages nothing
     devices = 0 if facts is None else 1 if facts.device is not None else len({leaf.device for leaf in leaves})
     # everything that decides which collectives the round runs (one, or the check first)
-    held = getattr(_types.group_of(reduce), "in_flight", False) is True
+    held = getattr(group, "in_flight", False) is True
     # and what the group's Reduce can do that changes them (a wrapper may hide it on one replica)
-    group = _types.group_of(reduce)
     able = ""
     if group is not None and group.size == 2:  # a pair may carry its check in its data
         able += f", predicts={_predicted.history(reduce) is not None}"
-    if exchange and policy in ("raise", "skip"):  # the flags travel with the check, or on their own
+    if in_check:  # the flags travel with the check, or in a collective of their own
         able += f", flags in check={_types.carries_flags(reduce)}"
     wire = (
         f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}, "

@@ -362,12 +362,16 @@ class GroupMean:
         group = self._group()
         gathered = self._gather_entries(entries, group)
         ranks = dist.get_process_group_ranks(group)
-        return ReplicaMismatchError(
+        error = ReplicaMismatchError(
             f"the replicas of {self.describe()} hold params that differ: "
             + _first_difference(gathered, ranks)
             + " (averaging them would fail or mix unrelated numbers, so nothing was averaged; "
             "Round(verify=None) skips this check at init, Round(agree=False) the one at each round)"
         )
+        error.refused_by = tuple(
+            rank for rank, held in zip(ranks, gathered) if any(path == "<refused>" for path, _ in held)
+        )
+        return error
 
     def _collective(self, begin: Any) -> None:
         """Run ``begin()`` (an ``async_op=True`` collective) to completion within the timeout."""
@@ -419,21 +423,21 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
         if other == first:
             continue
         mine, theirs = dict(first), dict(other)
+        for who, entries_of in ((ranks[0], mine), (rank, theirs)):
+            if "<refused>" in entries_of:  # first: it says why, whatever else differs
+                return f"rank {who} refused the round ({entries_of['<refused>']})"
         if mine.get("<step>") != theirs.get("<step>"):
             return (
                 f"rank {ranks[0]} averages at step {mine.get('<step>')}, rank {rank} at step "
                 f"{theirs.get('<step>')} (their schedules are out of step)"
             )
-        for who, entries_of in ((ranks[0], mine), (rank, theirs)):
-            if "<refused>" in entries_of:
-                return f"rank {who} refused the round ({entries_of['<refused>']})"
         leaves = _leaf_difference(first, other, ranks[0], rank)
         if leaves is not None:  # before the options: a replica's leaves also decide its devices
             return leaves
         if mine.get("<round>") != theirs.get("<round>"):
             return (
                 f"rank {ranks[0]} runs its rounds as {mine.get('<round>')}, rank {rank} as "
-                f"{theirs.get('<round>')} (build every replica's averager with the same Round)"
+                f"{theirs.get('<round>')} (build every replica with the same averager and the same Round)"
             )
         if mine.get("<values>") != theirs.get("<values>"):
             return f"rank {ranks[0]} and rank {rank} start from different values"

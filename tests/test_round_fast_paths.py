@@ -129,6 +129,29 @@ def test_the_split_result_keeps_autograd_flags():
     assert out[0].requires_grad and not out[1].requires_grad and out[0].shape == (3, 4)
 
 
+_FLAG_CASES = {
+    "one leaf": [torch.ones(3)],
+    "one dtype": [torch.ones(3, 2), torch.ones(4)],
+    "mixed dtypes": [torch.ones(3), torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float16)],
+    "trainable and not": [torch.ones(3, requires_grad=True), torch.ones(2, dtype=torch.float64)],
+}
+
+
+@pytest.mark.parametrize("case", list(_FLAG_CASES))
+@pytest.mark.parametrize(
+    "rnd",
+    [avgfn.Round(), avgfn.Round(donate=True), avgfn.Round(bucket_bytes=16), avgfn.Round(nonfinite="exclude")],
+    ids=["pure", "donate", "buckets", "exclude"],
+)
+def test_a_reduce_whose_answer_requires_grad_does_not_change_the_leaves_autograd_flags(case, rnd):
+    leaves = [t.clone().requires_grad_(t.requires_grad) for t in _FLAG_CASES[case]]
+    if rnd.donate and any(t.requires_grad for t in leaves):
+        pytest.skip("a leaf that requires grad cannot be donated")
+    out = avgfn.average(leaves, lambda t: t.detach().clone().requires_grad_(True), round=rnd)
+    assert [t.requires_grad for t in out] == [t.requires_grad for t in leaves]
+    assert all(t.grad_fn is None for t in out)
+
+
 def _named(i: int) -> str:
     return f"[{i}]"
 

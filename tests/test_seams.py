@@ -256,6 +256,61 @@ def test_a_reduce_result_of_another_dtype_or_device_is_refused(reduce, what):
     assert _same(params, before)
 
 
+class _Shaped:
+    """Not a tensor, though it has a tensor's ``shape``."""
+
+    shape = (3,)
+
+
+_ROUNDS = {
+    "default": avgfn.Round(),
+    "donate": avgfn.Round(donate=True),
+    "exclude": avgfn.Round(nonfinite="exclude"),
+    "donate-bucketed": avgfn.Round(donate=True, bucket_bytes=64),
+}
+
+
+@pytest.mark.parametrize("rnd", list(_ROUNDS.values()), ids=list(_ROUNDS))
+@pytest.mark.parametrize(
+    "reduce,error,match",
+    [
+        (lambda t: t.tolist(), TypeError, "reduce must return a Tensor, got list"),
+        (lambda t: _Shaped(), TypeError, "reduce must return a Tensor, got _Shaped"),
+        (lambda t: torch.empty_like(t, device="meta"), TypeError, "dtype and device"),
+        (lambda t: t.to(torch.int64), TypeError, "dtype and device"),
+        (lambda t: t[:1], ValueError, "shaped like its input"),
+    ],
+    ids=["list", "shaped", "meta", "int", "short"],
+)
+def test_every_round_refuses_a_reduce_result_that_is_not_a_tensor_like_its_input(rnd, reduce, error, match):
+    # the health flags' collective (donated and excluding rounds) checks its result as the data's does
+    params = _params()
+    before = _clone(params)
+    with pytest.raises(error, match=match):
+        avgfn.average(params, reduce, round=rnd)
+    assert _same(params, before)
+
+
+@pytest.mark.parametrize("algo", ["weighted", "fedavg"])
+@pytest.mark.parametrize(
+    "reduce,error,match",
+    [
+        (lambda t: t.tolist(), TypeError, "reduce must return a Tensor, got list"),
+        (lambda t: _Shaped(), TypeError, "reduce must return a Tensor, got _Shaped"),
+        (lambda t: torch.empty_like(t, device="meta"), TypeError, "dtype and device"),
+    ],
+    ids=["list", "shaped", "meta"],
+)
+def test_the_weights_round_refuses_a_reduce_result_that_is_not_a_tensor_like_its_input(algo, reduce, error, match):
+    avg = getattr(avgfn, algo)(1, reduce=reduce, weight=2.0)
+    params = _params()
+    state = avg.init(params)
+    before = _clone(params)
+    with pytest.raises(error, match=match):
+        avg.update(params, state, 0)
+    assert _same(params, before)
+
+
 def test_a_hierarchical_state_of_other_levels_is_refused():
     two = avgfn.hierarchical([(1, R), (2, R)])
     three = avgfn.hierarchical([(1, R), (2, R), (4, R)])
@@ -410,7 +465,7 @@ def test_each_round_agrees_once_through_the_reduce_with_its_step():
     assert entries[0] == ("<step>", "4")
     assert entries[1] == (
         "<round>",
-        "comm_dtype=None, bucket_bytes=None, health flag=False, devices=1, donate=False, in flight=False",
+        "averages=params, comm_dtype=None, bucket_bytes=None, health flag=False, devices=1, donate=False, in flight=False",
     )
     assert [path for path, _ in entries[2:]] == ["['a']", "['b']"]
     reduce.calls.clear()
@@ -573,3 +628,4 @@ def test_the_mean_dtype_of_integer_leaves_follows_the_default_dtype():
             assert reduce.inputs[0].dtype == dtype
     finally:
         torch.set_default_dtype(old)
+

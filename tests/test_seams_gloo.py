@@ -102,6 +102,33 @@ def _overflow(rank: int, reduce: Any, nonfinite: str, bucket_bytes: Any) -> dict
     return result
 
 
+def _narrow_band(rank: int, reduce: Any, kind: str, peer: float) -> dict[str, Any]:
+    # 70000 on rank 0: past fp16's largest value (65504), its share 35000 is not
+    rnd = {
+        "plain": avgfn.Round(comm_dtype=torch.float16),
+        "donate": avgfn.Round(comm_dtype=torch.float16, donate=True),
+        "exclude": avgfn.Round(comm_dtype=torch.float16, nonfinite="exclude"),
+    }[kind]
+    params = {"w": torch.tensor([70000.0 if rank == 0 else peer, 1.0])}
+    out = {}
+
+    def run():
+        out["w"] = avgfn.average(params, reduce, round=rnd)["w"].tolist()
+
+    result = _outcome(run, params)
+    result["w"] = out.get("w")
+    return result
+
+
+def _other_kind(rank: int, reduce: Any) -> dict[str, Any]:
+    # the same leaves, step and Round: rank 0 averages its params, rank 1 a pseudo-gradient
+    params = {"w": torch.full((4,), float(rank))}
+    rnd = avgfn.Round(verify=None)  # no check at init, nor at diloco's first round
+    avg = avgfn.periodic(2, reduce=reduce, warmup_steps=1, round=rnd) if rank == 0 else avgfn.diloco(2, reduce=reduce, round=rnd)
+    state = avg.init({"w": torch.zeros(4)})
+    return _outcome(lambda: avg.update(params, state, 1), params)
+
+
 def _other_round(rank: int, reduce: Any, option: dict[str, Any]) -> dict[str, Any]:
     # the same leaves and step, but rank 0 sends another wire: bytes that do not match
     params = {"w": torch.full((6,), float(rank))}
@@ -145,12 +172,16 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
         "round/comm_dtype": _other_round(rank, reduce, {"comm_dtype": torch.bfloat16}),
         "round/buckets": _other_round(rank, reduce, {"bucket_bytes": 16}),
         "round/exclude": _other_round(rank, reduce, {"nonfinite": "exclude"}),
+        "kind": _other_kind(rank, reduce),
         "refusal": _local_refusal(rank, reduce),
         "diloco_refusal": _diloco_refusal(rank, reduce),
     }
     for policy in ("raise", "exclude", "skip"):
         for bucket in (None, 32):
             results[f"overflow/{policy}/{bucket}"] = _overflow(rank, reduce, policy, bucket)
+    for kind in ("plain", "donate", "exclude"):
+        results[f"band/{kind}"] = _narrow_band(rank, reduce, kind, 0.0)
+    results["band/both"] = _narrow_band(rank, reduce, "plain", 70000.0)
     results["after"] = avgfn.average({"w": torch.full((2,), float(rank))}, reduce)["w"].tolist()
     return results
 
@@ -206,6 +237,31 @@ def test_a_wire_overflow_is_refused_and_never_written_into_donated_params(world,
         assert r["error"] is None and r["finite"], r
         assert r["a"] == [1.0] * 8  # rank 1's values only: rank 0 overflowed the wire
     assert "['a']" in world[0]["overflow/raise/None"]["message"]
+
+
+def test_on_a_narrow_wire_a_plain_round_checks_the_mean_and_a_donated_one_each_value(world):
+    # docs/round.md: the plain round divides before the cast and checks the mean it gets
+    # back; a round that writes in place (or excludes) decides from each replica's values
+    for rank in (0, 1):
+        plain = world[rank]["band/plain"]
+        assert plain["error"] is None and plain["w"] == [35008.0, 1.0], plain  # 35000 in fp16
+        for kind in ("donate", "exclude"):
+            r = world[rank][f"band/{kind}"]
+            if kind == "exclude":  # the healthy replica's values only
+                assert r["error"] is None and r["w"] == [0.0, 1.0], r
+            else:
+                assert r["error"] == "NonFiniteError" and r["unchanged"], r
+        both = world[rank]["band/both"]  # the mean itself overflows: every replica raises
+        assert both["error"] == "NonFiniteError" and both["unchanged"], both
+
+
+def test_a_replica_that_averages_params_where_its_peer_averages_pseudo_gradients_is_named(world):
+    # periodic on one rank, diloco on the other: the same leaves at the same step, but
+    # not the same numbers (params against pseudo-gradients)
+    for rank in (0, 1):
+        r = world[rank]["kind"]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], r
+        assert "averages=params" in r["message"] and "averages=pseudo-gradients" in r["message"], r
 
 
 def test_the_group_still_works_after_every_refusal(world):

@@ -8,7 +8,7 @@ from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core.checks import check_has_tensor, check_params
 from avgfn._core.types import Params, Reduce
-from avgfn._round.engine import average_tree
+from avgfn._round.engine import average_tree, refusing
 from avgfn._round.options import Round, round_options
 
 
@@ -68,11 +68,12 @@ def average(
       >>> out["w"] is params["w"]                         # reduced in place
       True
     """
-    check_params(params, "average")
     _select.check_where(where)
     rnd = round_options(
         "average", round, deprecated, nonfinite=("raise", "skip", "exclude", "ignore"),
         allowed=("donate", "bucket_bytes", "comm_dtype", "nonfinite", "verify", "agree"),
     )  # fmt: skip
-    check_has_tensor(_tree.tree_leaves(params), "average")
+    with refusing(reduce, rnd.agree, None):  # the peers are in the round: they learn of it at once
+        check_params(params, "average")
+        check_has_tensor(_tree.tree_leaves(params), "average")
     return average_tree(params, reduce, where, rnd)[0]

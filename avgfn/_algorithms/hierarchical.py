@@ -9,7 +9,7 @@ import torch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core.traced import zeros_like_batch
-from avgfn._round.engine import Averaging
+from avgfn._round.engine import Averaging, refusing
 from avgfn._core.types import Averager, Params
 from avgfn._core.checks import (
     check_has_tensor,
@@ -18,6 +18,7 @@ from avgfn._core.checks import (
     check_reduce,
     check_state,
     check_step,
+    check_update,
 )
 from avgfn._core.levels import Levels, level_pairs
 from avgfn._core.records import Record, record
@@ -111,22 +112,24 @@ def hierarchical(
     def update(
         params: Params, state: HierarchicalState, step: int
     ) -> tuple[Params, HierarchicalState]:
-        check_state(state, HierarchicalState, "hierarchical")
-        check_params(params, "hierarchical(...).update")
         step = check_step(step)
-        if step < warmup_steps:
+        due = None
+        if step >= warmup_steps:
+            for level, period, reduce in by_largest:
+                if step % period == 0:
+                    due = reduce
+                    break
+        if due is None:
+            check_update(params, state, HierarchicalState, "hierarchical")
             return params, state
-        for level, period, reduce in by_largest:
-            if step % period == 0:
-                break
-        else:
-            return params, state
-        rounds = state.rounds
-        if rounds.shape != (num_levels,):
-            raise ValueError(
-                f"hierarchical: the state counts rounds for {rounds.numel()} levels but this averager "
-                f"has {num_levels} (was the state made by this averager's init?)"
-            )
+        with refusing(due, rnd.agree, step):  # the peers are in the round: they learn of it at once
+            check_update(params, state, HierarchicalState, "hierarchical")
+            rounds = state.rounds
+            if rounds.shape != (num_levels,):
+                raise ValueError(
+                    f"hierarchical: the state counts rounds for {rounds.numel()} levels but this averager "
+                    f"has {num_levels} (was the state made by this averager's init?)"
+                )
         new_params, residual = averaging(params, reduce, state.residual, step)
         bump = torch.arange(num_levels, device=rounds.device) == level
         return new_params, HierarchicalState(rounds + bump, residual)

@@ -18,11 +18,11 @@ import torch
 from avgfn._core.traced import traced, zeros_like_batch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
-from avgfn._round.engine import Names, reduce_round
+from avgfn._round.engine import Names, reduce_round, refusing
 from avgfn._round import sharded as _sharded
 from avgfn._round.options import Round, round_options
 from avgfn._core.types import Averager, Params, Reduce
-from avgfn._core.checks import check_has_tensor, check_params, check_state, check_step
+from avgfn._core.checks import check_has_tensor, check_params, check_step, check_update
 from avgfn._core import types as _types
 from avgfn._core.errors import AveragingError, NonFiniteError, ReplicaMismatchError
 from avgfn._core.records import Record, record
@@ -129,6 +129,8 @@ def verify_first_round(
     try:
         verify_replicas(view, reduce, "values")
     except ReplicaMismatchError as error:
+        if error.refused_by:  # a peer refused its own inputs: its error says what to fix
+            raise
         raise ReplicaMismatchError(
             f"{who}: the replicas hold different global params at the first round (init was "
             "given params that differ between them: broadcast the params, or load them from one "
@@ -189,29 +191,12 @@ def counter(leaves: Sequence[torch.Tensor], shape: tuple[int, ...] = ()) -> torc
     return zeros_like_batch(leaves, shape)
 
 
-def check_match(
-    globals_: Sequence[torch.Tensor],
-    local: Sequence[torch.Tensor],
-    who: str,
-    peers: Optional[tuple[Reduce, bool, int]] = None,
-) -> None:
+def check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor], who: str) -> None:
     """Raise ``ValueError`` when the state's global copy does not fit the params.
 
-    ``peers`` is ``(reduce, agree, step)`` at a step that communicates: the
-    failure is then handed to the round's agreement first (when ``agree``),
-    so that the peers raise at once instead of waiting for this replica.
+    At a step that communicates, call it inside
+    `avgfn._round.engine.refusing`: the peers then learn of the failure.
     """
-    try:
-        _check_match(globals_, local, who)
-    except ValueError as error:
-        if peers is not None and peers[1]:
-            reduce, _, step = peers
-            with at_step(step):
-                reduce_round([], reduce, Round(), step=step, names=list, refusal=error)
-        raise
-
-
-def _check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor], who: str) -> None:
     if len(globals_) != len(local):
         raise ValueError(
             f"{who}: the state holds a global copy of {len(globals_)} leaves but `where` selects "
@@ -309,7 +294,7 @@ def plain_mean(reduce: Reduce, rnd: Round) -> Mean:
     def mean(tensors: tuple[torch.Tensor, ...], params: Params, step: int, names: Names) -> Any:
         del params
         averaged, _ = reduce_round(
-            list(tensors), reduce, rnd, step=step, names=names, key=None, policy=policy
+            list(tensors), reduce, rnd, step=step, names=names, key=None, policy=policy, what="pseudo-gradients"
         )
         return tuple(averaged), None
 
@@ -529,14 +514,15 @@ def outer_averager(
         return DiLoCoState(zero, zero.clone(), globals_, outer.init(globals_))
 
     def update(params: Params, state: DiLoCoState, step: int) -> tuple[Params, DiLoCoState]:
-        check_state(state, DiLoCoState, who)
-        check_params(params, f"{who}(...).update")
         step = check_step(step)
         if (step + 1) % period:
+            check_update(params, state, DiLoCoState, who)
             return params, state
-        leaves, spec, chosen = selected(params, where)
-        local = [leaves[i] for i in chosen]
-        check_match(state.global_params, local, who, (reduce, agree, step))
+        with refusing(reduce, agree, step):  # the peers are in the round: they learn of it at once
+            check_update(params, state, DiLoCoState, who)
+            leaves, spec, chosen = selected(params, where)
+            local = [leaves[i] for i in chosen]
+            check_match(state.global_params, local, who)
         with at_step(step):
             verify_first_round(state.rounds, state.global_params, params, where, reduce, verify, who)
         new_globals, new_outer, ok = outer_round(

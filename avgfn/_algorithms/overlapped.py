@@ -26,9 +26,10 @@ from avgfn._algorithms.outer import (
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core import types as _types
-from avgfn._core.checks import check_int, check_params, check_reduce, check_state, check_step
+from avgfn._core.checks import check_int, check_reduce, check_step, check_update
 from avgfn._core.records import Record, record
 from avgfn._core.types import Averager, Params, Reduce
+from avgfn._round.engine import refusing
 from avgfn._round.options import Round
 from avgfn.optim._base import Optimizer
 
@@ -220,27 +221,28 @@ class _Overlapped:
         self, params: Params, state: OverlappedDiLoCoState, step: int
     ) -> tuple[Params, OverlappedDiLoCoState]:
         who = self.who
-        check_state(state, OverlappedDiLoCoState, who)
-        check_params(params, f"{who}(...).update")
         step = check_step(step)
         if (step + 1) % self.period:
+            check_update(params, state, OverlappedDiLoCoState, who)
             return params, state
-        if self.eager != (state.own is not None):
-            raise ValueError(f"{who}: the state was made by an overlapped_diloco with eager={not self.eager}")
-        leaves, spec, chosen = selected(params, self.where)
-        local = [leaves[i] for i in chosen]
-        check_match(state.global_params, local, who, (self.reduce, self.rnd.agree, step))
+        with refusing(self.reduce, self.rnd.agree, step):  # the peers are in the round: they learn of it at once
+            check_update(params, state, OverlappedDiLoCoState, who)
+            if self.eager != (state.own is not None):
+                raise ValueError(f"{who}: the state was made by an overlapped_diloco with eager={not self.eager}")
+            leaves, spec, chosen = selected(params, self.where)
+            local = [leaves[i] for i in chosen]
+            check_match(state.global_params, local, who)
+            started = step - self.period
+            valid = torch.zeros((), dtype=torch.bool, device=state.in_flight.device) if started < 0 else held_for(
+                state.in_flight, (started,),
+                lambda held: (
+                    f"{who}: at step {step} the average started at step {started} is due (period="
+                    f"{self.period}); the state holds one started at step {held[0]} (was it applied "
+                    "already?). Pass the state the previous sync step returned: nothing was applied"
+                ),
+                older=0,
+            )  # fmt: skip
         names = _tree.lazy_paths(params, chosen)
-        started = step - self.period
-        valid = torch.zeros((), dtype=torch.bool, device=state.in_flight.device) if started < 0 else held_for(
-            state.in_flight, (started,),
-            lambda held: (
-                f"{who}: at step {step} the average started at step {started} is due (period="
-                f"{self.period}); the state holds one started at step {held[0]} (was it applied "
-                "already?). Pass the state the previous sync step returned: nothing was applied"
-            ),
-            older=0,
-        )  # fmt: skip
         with at_step(step):
             verify_first_round(state.rounds, state.global_params, params, self.where, self.reduce, self.rnd.verify, who)
         own = pseudo_gradient(state.global_params, local)

@@ -10,7 +10,7 @@ import torch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core.traced import zeros_like_batch
-from avgfn._round.engine import Averaging
+from avgfn._round.engine import Averaging, refusing
 from avgfn._core.types import Averager, Params, Reduce
 from avgfn._core.checks import (
     check_has_tensor,
@@ -19,6 +19,7 @@ from avgfn._core.checks import (
     check_reduce,
     check_state,
     check_step,
+    check_update,
 )
 from avgfn._core.levels import PERIOD_ONE
 from avgfn._core.records import Record, record
@@ -109,11 +110,13 @@ def periodic(
         return PeriodicState(rounds, averaging.init_residual(params))
 
     def update(params: Params, state: PeriodicState, step: int) -> tuple[Params, PeriodicState]:
-        check_state(state, PeriodicState, "periodic")
-        check_params(params, "periodic(...).update")
         step = check_step(step)
-        if step < warmup_steps or (step - warmup_steps) % period:
+        due = step >= warmup_steps and (step - warmup_steps) % period == 0
+        if not due:
+            check_update(params, state, PeriodicState, "periodic")
             return params, state
+        with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
+            check_update(params, state, PeriodicState, "periodic")
         new_params, residual = averaging(params, reduce, state.residual, step)
         return new_params, PeriodicState(state.rounds + 1, residual)
 

@@ -16,10 +16,10 @@ import attrs
 import torch
 
 from avgfn._core import select as _select
-from avgfn._round.engine import average_tree
+from avgfn._round.engine import average_tree, refusing
 from avgfn._round.options import Round
 from avgfn._core.types import Averager, Params, Reduce
-from avgfn._core.checks import check_int, check_reduce, check_state, check_step
+from avgfn._core.checks import check_int, check_reduce, check_state, check_step, check_update
 from avgfn._core.levels import Levels
 from avgfn._algorithms.hierarchical import hierarchical
 from avgfn._algorithms.periodic import periodic
@@ -141,14 +141,16 @@ def post_local_gradients(
     def update(
         grads: Params, state: GradientScheduleState, step: int
     ) -> tuple[Params, GradientScheduleState]:
-        check_state(state, GradientScheduleState, "post_local_gradients")
         step = check_step(step)
         reduce = global_reduce if step < start_step else local_reduce
         if reduce is None:
+            check_state(state, GradientScheduleState, "post_local_gradients")
             return grads, state
+        with refusing(reduce, _GRADIENT_ROUND.agree, step):  # the peers are in the round: they learn of it at once
+            check_update(grads, state, GradientScheduleState, "post_local_gradients")
         # No non-finite check: like DDP's all-reduce, the schedule hands an inf
         # on, so that a GradScaler-style check after it sees it on every replica.
-        new_grads, _ = average_tree(grads, reduce, where, _GRADIENT_ROUND, None, step)
+        new_grads, _ = average_tree(grads, reduce, where, _GRADIENT_ROUND, None, step, what="gradients")
         bump = global_bump if step < start_step else local_bump
         return new_grads, GradientScheduleState(state.rounds + bump.to(state.rounds.device))
 

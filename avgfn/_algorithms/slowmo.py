@@ -11,9 +11,9 @@ import torch
 
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
-from avgfn._round.engine import average_tree, reduce_round
+from avgfn._round.engine import average_tree, reduce_round, refusing
 from avgfn._core.types import Averager, Params, Reduce
-from avgfn._core.checks import check_int, check_params, check_reduce, check_state, check_step
+from avgfn._core.checks import check_int, check_params, check_reduce, check_step, check_update
 from avgfn._algorithms.outer import (
     all_finite,
     at_step,
@@ -206,13 +206,17 @@ def slowmo(
         )
 
     def update(params: Params, state: SlowMoState, step: int) -> tuple[Params, SlowMoState]:
-        check_state(state, SlowMoState, "slowmo")
-        check_params(params, "slowmo(...).update")
         step = check_step(step)
         slow = (step + 1) % period == 0
         base = base_period is not None and (step + 1) % base_period == 0
         if not (slow or base):
+            check_update(params, state, SlowMoState, "slowmo")
             return params, state
+        with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
+            check_update(params, state, SlowMoState, "slowmo")
+            leaves, spec, chosen = selected(params, where)
+            local = [leaves[i] for i in chosen]
+            check_match(state.global_params, local, "slowmo")
         with at_step(step):  # before the first round of either kind mixes anything
             verify_first_round(state.rounds, state.global_params, params, where, reduce, verify, "slowmo")
         rounds = state.rounds
@@ -221,9 +225,6 @@ def slowmo(
                 new_params, _ = average_tree(params, reduce, where, rnd, None, step)
             return new_params, state.replace(rounds=rounds + _BASE_BUMP.to(rounds.device))
         lr_t = _lr_value(lr_spec, step)
-        leaves, spec, chosen = selected(params, where)
-        local = [leaves[i] for i in chosen]
-        check_match(state.global_params, local, "slowmo", (reduce, rnd.agree, step))
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):
             averaged, _ = reduce_round(local, reduce, rnd, step=step, names=names, policy=slow_policy)

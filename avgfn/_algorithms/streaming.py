@@ -10,9 +10,10 @@ import torch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._round import sharded as _sharded
+from avgfn._round.engine import refusing
 from avgfn._round.options import Round
 from avgfn._core.types import Averager, Params, Reduce
-from avgfn._core.checks import check_int, check_params, check_reduce, check_state, check_step
+from avgfn._core.checks import check_int, check_reduce, check_step, check_update
 from avgfn._algorithms.outer import (
     at_step,
     check_global_device,
@@ -313,28 +314,27 @@ class _Streaming:
     def update(
         self, params: Params, state: StreamingDiLoCoState, step: int
     ) -> tuple[Params, StreamingDiLoCoState]:
-        check_state(state, StreamingDiLoCoState, "streaming_diloco")
-        check_params(params, "streaming_diloco(...).update")
         step = check_step(step)
         apply_k, start_k = self.due(step)
         if apply_k is None and start_k is None:
+            check_update(params, state, StreamingDiLoCoState, "streaming_diloco")
             return params, state
-        if (
-            (self.delay > 0) != (state.pending is not None)
-            or (self.delay > 0) != (state.in_flight is not None)
-            or len(state.outer) != self.num_fragments
-        ):
-            raise ValueError(
-                "streaming_diloco: the state was made by a streaming_diloco with other "
-                "num_fragments or delay"
-            )
-        leaves, spec, chosen = selected(params, self.where)
-        groups = self.fragments(params, leaves, spec, chosen)
-        local = [leaves[i] for i in chosen]
         talks = start_k is not None or self.delay == 0  # this step averages a pseudo-gradient
-        check_match(
-            state.global_params, local, "streaming_diloco", (self.reduce, self.rnd.agree and talks, step)
-        )
+        with refusing(self.reduce, self.rnd.agree and talks, step):  # the peers learn of it at once
+            check_update(params, state, StreamingDiLoCoState, "streaming_diloco")
+            if (
+                (self.delay > 0) != (state.pending is not None)
+                or (self.delay > 0) != (state.in_flight is not None)
+                or len(state.outer) != self.num_fragments
+            ):
+                raise ValueError(
+                    "streaming_diloco: the state was made by a streaming_diloco with other "
+                    "num_fragments or delay"
+                )
+            leaves, spec, chosen = selected(params, self.where)
+            groups = self.fragments(params, leaves, spec, chosen)
+            local = [leaves[i] for i in chosen]
+            check_match(state.global_params, local, "streaming_diloco")
         if talks:
             with at_step(step):
                 verify_first_round(

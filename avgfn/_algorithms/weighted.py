@@ -16,15 +16,16 @@ from avgfn._core import tree as _tree
 import attrs
 
 from avgfn._round.options import Round, round_options
-from avgfn._round.engine import Names, reduce_round
+from avgfn._round.engine import Names, reduce_round, refusing
 from avgfn._core.types import Averager, Params, Reduce
 from avgfn._core.checks import (
     check_has_tensor,
     check_int,
     check_params,
     check_reduce,
-    check_state,
+    check_reduced,
     check_step,
+    check_update,
 )
 from avgfn._algorithms.outer import (
     all_finite,
@@ -128,9 +129,7 @@ def weighted_mean(
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
     info = torch.stack([torch.where(bad, torch.zeros_like(weight), weight), bad.to(torch.float64)])
-    info = reduce(info)
-    if not isinstance(info, torch.Tensor) or info.shape != (2,):
-        raise ValueError(f"reduce must return a tensor shaped like its input (2,), got {info!r}")
+    info = check_reduced(reduce(info), info).detach()  # weights: no autograd
     mean_w, any_bad = info[0], info[1]
     ok = (any_bad == 0) & (mean_w > 0) & torch.isfinite(mean_w)
     if invalid == "raise":
@@ -308,18 +307,19 @@ def weighted(
         return WeightedState(zero, zero.clone())
 
     def update(params: Params, state: WeightedState, step: int) -> tuple[Params, WeightedState]:
-        check_state(state, WeightedState, "weighted")
-        check_params(params, "weighted(...).update")
         step = check_step(step)
         if step < warmup_steps or (step - warmup_steps) % period:
+            check_update(params, state, WeightedState, "weighted")
             return params, state
-        leaves, spec, chosen = selected(params, where)
-        if not chosen:
+        with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
+            check_update(params, state, WeightedState, "weighted")
+            leaves, spec, chosen = selected(params, where)
+            w = _weight_value(weight, params, step, state.rounds.device) if chosen else None
+        if not chosen or w is None:
             if rnd.agree:  # the peers must learn that this replica averages nothing
                 start_round([], reduce, step, lambda: [], None, _wire(rnd)).wait()
             return params, state.replace(rounds=state.rounds + 1)
         local = tuple(leaves[i] for i in chosen)
-        w = _weight_value(weight, params, step, state.rounds.device)
         with at_step(step):
             means, ok = weighted_mean(
                 local, reduce, w, rnd, invalid, "weighted", step, _tree.lazy_paths(params, chosen)
@@ -448,7 +448,8 @@ def fedavgm(
 
     def mean(tensors: tuple[torch.Tensor, ...], params: Params, step: int, names: Names) -> Any:
         device = tensors[0].device if tensors else torch.device("cpu")
-        w = _weight_value(weight, params, step, device)
+        with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
+            w = _weight_value(weight, params, step, device)
         return weighted_mean(tensors, reduce, w, wire_round, invalid, "fedavgm", step, names)
 
     return outer_averager(

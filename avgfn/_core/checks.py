@@ -94,6 +94,14 @@ def check_params(params: Any, who: str) -> Any:
     return params
 
 
+def check_update(params: Any, state: Any, cls: type, averager: str) -> None:
+    """The checks of every ``update``: `check_state()` of ``state``, then `check_params()` of ``params``."""
+    if not isinstance(state, cls):
+        check_state(state, cls, averager)
+    if type(params) not in _CONTAINERS:  # (the name is built only for the error)
+        check_params(params, f"{averager}(...).update")
+
+
 def check_has_tensor(leaves: list[Any], who: str) -> None:
     """Refuse a params tree in which there is no tensor to average."""
     if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
@@ -102,3 +110,23 @@ def check_has_tensor(leaves: list[Any], who: str) -> None:
             f"{who}: params hold no tensor to average (leaves: {', '.join(kinds)}); pass a pytree "
             "of tensors such as dict(model.named_parameters())"
         )
+
+
+def check_reduced(result: Any, buf: torch.Tensor) -> torch.Tensor:
+    """Refuse a Reduce result that is not a tensor like its input ``buf`` (type, shape, dtype, device).
+
+    Every call of a Reduce, on the data and on the health flags or weights.
+    """
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(f"reduce must return a Tensor, got {type(result).__name__}")
+    if result.shape != buf.shape:
+        raise ValueError(
+            f"reduce must return a tensor shaped like its input {tuple(buf.shape)}, "
+            f"got {tuple(result.shape)}"
+        )
+    if result.dtype != buf.dtype or result.device != buf.device:
+        raise TypeError(
+            f"reduce must return a tensor of its input's dtype and device ({buf.dtype} on "
+            f"{buf.device}), got {result.dtype} on {result.device}"
+        )
+    return result

@@ -64,7 +64,15 @@ class NonFiniteError(AveragingError, FloatingPointError):
 
 
 class ReplicaMismatchError(AveragingError, ValueError):
-    """The replicas of a group hold params of different structure or values."""
+    """The replicas of a group hold params of different structure or values.
+
+    Attributes:
+      refused_by: the ranks that refused the round because of their own
+        inputs (each raised its own ``TypeError`` or ``ValueError``, named in
+        the message); empty when the replicas only hold different params.
+    """
+
+    refused_by: tuple[int, ...] = ()
 
 
 class RoundNotCommitted(AveragingError):

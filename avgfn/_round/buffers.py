@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 
 from avgfn._core import types as _types
+from avgfn._core.checks import check_reduced
 from avgfn._core.traced import traced
 from avgfn._core.types import Pending, Reduce
 from avgfn._round import facts as _facts
@@ -70,23 +71,6 @@ def _reciprocal(by: int) -> Optional[float]:
     if by < 2 or by & (by - 1):
         return None
     return 1.0 / by
-
-
-def check_result(result: Any, buf: torch.Tensor) -> torch.Tensor:
-    """Refuse a Reduce result that is not a tensor like its input (shape, dtype, device)."""
-    if not isinstance(result, torch.Tensor):
-        raise TypeError(f"reduce must return a Tensor, got {type(result).__name__}")
-    if result.shape != buf.shape:
-        raise ValueError(
-            f"reduce must return a tensor shaped like its input {tuple(buf.shape)}, "
-            f"got {tuple(result.shape)}"
-        )
-    if result.dtype != buf.dtype or result.device != buf.device:
-        raise TypeError(
-            f"reduce must return a tensor of its input's dtype and device ({buf.dtype} on "
-            f"{buf.device}), got {result.dtype} on {result.device}"
-        )
-    return result
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -393,9 +377,11 @@ class Buffers:
 
     def finish(self, bucket: list[Piece], buf: torch.Tensor, in_place: bool, pending: Pending) -> None:
         """Wait for a bucket and move its result where the leaves take it from."""
-        result = check_result(pending.wait(), buf)
+        result = check_reduced(pending.wait(), buf)
         if in_place or self.donate or self.watch is not None:
-            result = check_result(_types.settle(result), buf)  # read here: wait for it now
+            result = check_reduced(_types.settle(result), buf)  # read here: wait for it now
+        if result.requires_grad:  # a Reduce's autograd flag is not the leaves' (see `result()`)
+            result = result.detach()
         if self.watch is not None:
             self.watch.add(result)
         if in_place:
@@ -464,7 +450,7 @@ class Buffers:
             full, _ = self.pack(bucket, 0, _predicted.CHECK)
             full[n:] = _predicted.block(predicted.digest, full.dtype, full.device)
             try:
-                summed = check_result(_types.settle(self.start(full).wait()), full)
+                summed = check_reduced(_types.settle(self.start(full).wait()), full)
             except BaseException:
                 predicted.history.forget()
                 raise

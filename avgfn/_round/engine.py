@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import attrs
 import torch
@@ -169,6 +169,7 @@ def reduce_round(
     residuals: Optional[list[Optional[torch.Tensor]]] = None,
     policy: Optional[str] = None,
     refusal: Optional[Exception] = None,
+    what: str = "params",
 ) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
     """Average ``leaves`` over the group of ``reduce`` as ``rnd`` says (see the module docstring).
 
@@ -180,8 +181,10 @@ def reduce_round(
     residuals (one per leaf, or ``None``), ``policy`` overrides
     ``rnd.nonfinite``, ``refusal`` is the error of a local check the caller
     made: it is raised once the peers know (they raise at once instead of
-    waiting for this replica). Returns the averaged leaves (the leaves
-    themselves when nothing was averaged) and the new residuals.
+    waiting for this replica), ``what`` names what the leaves are
+    (``"params"``, ``"pseudo-gradients"``, ``"gradients"``): replicas that
+    average different things disagree. Returns the averaged leaves (the
+    leaves themselves when nothing was averaged) and the new residuals.
     """
     if _sharded.any_dtensor(leaves) or (residuals is not None and _sharded.any_dtensor(residuals)):
         shards, origins = _sharded.unwrap(leaves)
@@ -189,7 +192,7 @@ def reduce_round(
         averaged, new_res = _reduce_local(
             shards, reduce, rnd, step=step, names=names, key=key, residuals=res, policy=policy,
             refusal=refusal, sharding=_sharded.layouts(leaves),
-            combine=lambda flag: _sharded.everywhere(flag, leaves),
+            combine=lambda flag: _sharded.everywhere(flag, leaves), what=what,
         )  # fmt: skip
         if averaged is shards:  # nothing was averaged
             return leaves, residuals
@@ -201,8 +204,56 @@ def reduce_round(
             ]
         return out, new_res
     return _reduce_local(
-        leaves, reduce, rnd, step=step, names=names, key=key, residuals=residuals, policy=policy, refusal=refusal
-    )
+        leaves, reduce, rnd, step=step, names=names, key=key, residuals=residuals, policy=policy,
+        refusal=refusal, what=what,
+    )  # fmt: skip
+
+
+def refuse(reduce: Reduce, step: Optional[int], error: Exception) -> None:
+    """Tell the peers, in the round's agreement, that this replica refuses the round for ``error``.
+
+    For a failure of this replica's own inputs found before its round
+    started, at a step whose round its peers run: they raise
+    [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] naming it at
+    once (its ``refused_by`` holds this rank) instead of waiting for a
+    collective that never comes, and the group stays in step. The caller
+    raises ``error`` itself; a failure of the agreement (a peer gone too) is
+    not raised over it.
+    """
+    try:
+        reduce_round([], reduce, DEFAULT, step=step, names=list, refusal=error)
+    except Exception:  # noqa: BLE001 - ``error`` is what the caller raises
+        pass
+
+
+class refusing:
+    """The checks of a due step that only this replica's inputs decide: their failure is forwarded.
+
+    A ``TypeError`` or ``ValueError`` raised inside (a state of another
+    averager, params that are a generator, a ``where`` that selects a
+    non-tensor, a global copy that no longer fits) goes to `refuse()` before
+    it propagates, when ``agree`` (the round's agreement is on: without it
+    the peers run no check to meet). Errors of a round itself
+    ([`avgfn.AveragingError`][avgfn.AveragingError]) pass as they are.
+
+    Examples:
+      >>> import torch
+      >>> with refusing(lambda t: t, True, 3):
+      ...     pass
+    """
+
+    __slots__ = ("reduce", "agree", "step")
+
+    def __init__(self, reduce: Reduce, agree: bool, step: Optional[int]) -> None:
+        self.reduce, self.agree, self.step = reduce, agree, step
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> Literal[False]:
+        if self.agree and isinstance(error, (TypeError, ValueError)) and not isinstance(error, AveragingError):
+            refuse(self.reduce, self.step, error)
+        return False
 
 
 def _reduce_local(
@@ -218,6 +269,7 @@ def _reduce_local(
     refusal: Optional[Exception],
     sharding: Optional[tuple[str, ...]] = None,
     combine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    what: str = "params",
 ) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
     """`reduce_round()` on plain tensors.
 
@@ -238,7 +290,7 @@ def _reduce_local(
     exchange = policy != "ignore" and (rnd.donate or policy == "exclude")  # the health flag
     limit = _wire_limit(rnd)
     gate, carried = _agreement(
-        leaves, reduce, rnd, policy, exchange, refusal, limit, step, names, key, sharding, combine, facts
+        leaves, reduce, rnd, policy, exchange, refusal, limit, step, names, key, sharding, combine, facts, what
     )
     if facts is None:
         return leaves, residuals
@@ -323,7 +375,7 @@ def _agreement(
     leaves: list[torch.Tensor], reduce: Reduce, rnd: Round, policy: str, exchange: bool,
     refusal: Optional[Exception], limit: Optional[float], step: Optional[int], names: Names, key: Any,
     sharding: Optional[tuple[str, ...]], combine: Optional[Callable[[torch.Tensor], torch.Tensor]],
-    facts: Optional[_facts.Facts],
+    facts: Optional[_facts.Facts], what: str = "params",
 ) -> tuple[Any, Optional[tuple[bool, list[int]]]]:  # fmt: skip
     """Start the round's agreement; wait for it when nothing may move before it passed.
 
@@ -355,7 +407,7 @@ def _agreement(
     if in_check:  # the flags travel with the check, or in a collective of their own
         able += f", flags in check={_types.carries_flags(reduce)}"
     wire = (
-        f"comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}, "
+        f"averages={what}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}, "
         f"devices={devices}, donate={rnd.donate}, in flight={held}{able}"
     )
     refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
@@ -409,17 +461,19 @@ def average_tree(
     rnd: Round = DEFAULT,
     residual: Any = None,
     step: Optional[int] = None,
+    what: str = "params",
 ) -> tuple[Params, Any]:
     """Average the leaves of ``params`` that ``where`` selects; also return the new residual.
 
     ``residual`` (with ``rnd.error_feedback``) is a tuple of one tensor per
-    floating-point leaf of ``params``, in tree order.
+    floating-point leaf of ``params``, in tree order; ``what`` as in `reduce_round()`.
     """
-    leaves, flat = _tree.flatten(params)
-    mask = _select.selection(where, params, leaves, flat)
+    with refusing(reduce, rnd.agree, step):
+        leaves, flat = _tree.flatten(params)
+        mask = _select.selection(where, params, leaves, flat)
     chosen = list(itertools.compress(range(len(mask)), mask))
     if not chosen:
-        reduce_round([], reduce, rnd, step=step, names=lambda: [], key=(flat.key, ()))
+        reduce_round([], reduce, rnd, step=step, names=lambda: [], key=(flat.key, ()), what=what)
         return params, residual
     names = _tree.lazy_paths(params, chosen)
     every = len(chosen) == len(leaves)
@@ -436,7 +490,7 @@ def average_tree(
         refusal = error
     averaged, new_res = reduce_round(
         selected, reduce, rnd, step=step, names=names, key=(flat.key, tuple(chosen)),
-        residuals=None if res_leaves is None else [res_leaves[i] for i in chosen], refusal=refusal,
+        residuals=None if res_leaves is None else [res_leaves[i] for i in chosen], refusal=refusal, what=what,
     )  # fmt: skip
     if averaged is selected:  # the round was skipped
         return params, residual

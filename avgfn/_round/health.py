@@ -37,6 +37,7 @@ import torch
 
 from avgfn._core import types as _types
 from avgfn._core.types import Reduce
+from avgfn._core.checks import check_reduced
 from avgfn._core.errors import NonFiniteError
 from avgfn._core.traced import traced
 from avgfn._round import sharded as _sharded
@@ -187,7 +188,7 @@ class Plan:
 
 def _rescaled(reduce: Reduce, healthy: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     def reduce_healthy(tensor: torch.Tensor) -> torch.Tensor:
-        return reduce(tensor) / healthy.to(tensor.dtype)
+        return check_reduced(reduce(tensor), tensor) / healthy.to(tensor.dtype)
 
     return reduce_healthy
 
@@ -240,11 +241,7 @@ def plan(
     if combine is not None:
         ok, roomy = combine(ok), combine(roomy)
     flags = torch.stack([~ok, ok, ~roomy]).to(torch.float32)
-    means = reduce(flags)
-    if not isinstance(means, torch.Tensor) or means.shape != flags.shape:
-        raise ValueError(
-            f"reduce must return a tensor shaped like its input (3,), got {getattr(means, 'shape', means)!r}"
-        )
+    means = check_reduced(reduce(flags), flags).detach()  # flags: no autograd
     unhealthy, healthy = means[0], means[1]
     if traced(leaves[0]):
         return Plan(_rescaled(reduce, healthy), mask=ok, keep=healthy <= 0, check=True)

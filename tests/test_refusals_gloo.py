@@ -1,0 +1,122 @@
+"""A replica that refuses its inputs at a due step tells its peers, on real gloo groups.
+
+At a step whose round its peers run, a replica whose own inputs cannot be
+averaged (params that are a generator, a state of another averager, a
+``where`` that selects a non-tensor or yields a non-bool, a global copy
+that no longer fits its params) raises its own ``TypeError`` /
+``ValueError``; its peers raise `avgfn.ReplicaMismatchError` naming the
+refusing rank and its error at once, instead of waiting out the timeout
+for a collective that never comes (`avgfn.PeerError`), or pairing their
+check with the refusing rank's next round. Nothing is changed on any rank,
+and the next round, with good inputs everywhere, averages: the group is
+still in step.
+
+The timeouts are short (a few seconds): a rank that waits for its peer
+fails the test with ``PeerError`` instead of ``ReplicaMismatchError``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import avgfn
+from _faults import run_faulty_world
+
+_TIMEOUT = 5.0
+
+
+def _params(rank: int) -> dict[str, Any]:
+    return {"a": torch.full((6,), float(rank)), "b": torch.full((2, 3), float(rank))}
+
+
+def _build(algo: str, reduce: avgfn.Reduce, where: Any = None) -> avgfn.Averager:
+    if algo == "periodic":
+        return avgfn.periodic(1, reduce=reduce, where=where)
+    if algo == "hierarchical":
+        return avgfn.hierarchical([(1, reduce)], where=where)
+    if algo == "diloco":
+        return avgfn.diloco(1, reduce=reduce, where=where)
+    if algo == "streaming":
+        return avgfn.streaming_diloco(1, reduce=reduce, num_fragments=1, where=where)
+    if algo == "slowmo":
+        return avgfn.slowmo(1, reduce=reduce, lr=0.1, where=where)
+    if algo == "weighted":
+        return avgfn.weighted(1, reduce=reduce, weight=1.0, where=where)
+    if algo == "fedavgm":
+        return avgfn.fedavgm(1, reduce=reduce, weight=1.0, where=where)
+    raise AssertionError(algo)
+
+
+def _attempt(rank: int, fn: Callable[[], Any], params: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v.clone() for k, v in params.items() if isinstance(v, torch.Tensor)}
+    try:
+        fn()
+        out: dict[str, Any] = {"error": None, "message": ""}
+    except Exception as e:  # noqa: BLE001 - the outcome is the point
+        out = {"error": type(e).__name__, "message": str(e)}
+    out["unchanged"] = all(torch.equal(kept[k], params[k]) for k in kept)
+    return out
+
+
+def _refusals(rank: int, world_size: int, algo: str, case: str) -> dict[str, Any]:
+    warnings.simplefilter("ignore")  # period 1
+    reduce = avgfn.collectives.all_reduce_mean(timeout=_TIMEOUT)
+    avg = _build(algo, reduce)
+    state = avg.init(_params(0))  # the same start everywhere (the global copy of the outer steps)
+    good = _params(rank)
+    params: Any = dict(good)
+    bad_state: Any = state
+    refusing = avg
+    if rank == 1:
+        if case == "generator":
+            params = (p for p in good.values())
+        elif case == "state_of_another_averager":
+            bad_state = avgfn.ema(0.5).init(good)  # its init does not communicate
+        elif case == "where_yields_a_non_bool":
+            refusing = _build(algo, reduce, lambda leaf: "yes")
+        elif case == "selects_a_non_tensor":
+            params = {**good, "n": 3}
+            refusing = _build(algo, reduce, {"a": True, "b": True, "n": True})
+        elif case == "drops_a_leaf":
+            params = {"a": good["a"]}
+    refused = _attempt(rank, lambda: refusing.update(params, bad_state, 0), good)
+    # the group is still in step: the next round, with good inputs everywhere, averages
+    try:
+        new, _ = avg.update(good, state, 1)
+        after: Any = new["a"].tolist()
+    except Exception as e:  # noqa: BLE001
+        after = f"{type(e).__name__}: {e}"
+    return {"refused": refused, "after": after}
+
+
+_CASES = [
+    ("periodic", "generator", "TypeError"),
+    ("periodic", "state_of_another_averager", "TypeError"),
+    ("periodic", "where_yields_a_non_bool", "TypeError"),
+    ("periodic", "selects_a_non_tensor", "TypeError"),
+    ("hierarchical", "generator", "TypeError"),
+    ("diloco", "state_of_another_averager", "TypeError"),
+    ("diloco", "drops_a_leaf", "ValueError"),
+    ("streaming", "generator", "TypeError"),
+    ("slowmo", "drops_a_leaf", "ValueError"),
+    ("slowmo", "generator", "TypeError"),
+    ("weighted", "where_yields_a_non_bool", "TypeError"),
+    ("fedavgm", "state_of_another_averager", "TypeError"),
+]
+
+
+@pytest.mark.parametrize("algo, case, raised", _CASES)
+def test_a_replica_that_refuses_its_inputs_at_a_due_step_is_named_by_its_peer_at_once(algo, case, raised):
+    outcome = run_faulty_world(_refusals, 2, algo, case, deadline=60)
+    assert outcome.exitcodes == {0: 0, 1: 0}, outcome
+    r0, r1 = outcome.results[0]["refused"], outcome.results[1]["refused"]
+    assert r1["error"] == raised, r1
+    assert r0["error"] == "ReplicaMismatchError", r0
+    assert "rank 1 refused the round" in r0["message"] and raised in r0["message"], r0["message"]
+    assert r0["unchanged"] and r1["unchanged"], (r0, r1)
+    after0, after1 = outcome.results[0]["after"], outcome.results[1]["after"]
+    assert isinstance(after0, list) and after0 == after1, (after0, after1)

@@ -362,15 +362,21 @@ class GroupMean:
         group = self._group()
         gathered = self._gather_entries(entries, group)
         ranks = dist.get_process_group_ranks(group)
+        refused_by = tuple(
+            rank for rank, held in zip(ranks, gathered) if any(path == "<refused>" for path, _ in held)
+        )
+        advice = (
+            f"nothing was averaged; fix the inputs of rank {refused_by[0]}: its own error says what it refused"
+            if refused_by
+            else "averaging them would fail or mix unrelated numbers, so nothing was averaged; "
+            "Round(verify=None) skips this check at init, Round(agree=False) the one at each round"
+        )
         error = ReplicaMismatchError(
             f"the replicas of {self.describe()} hold params that differ: "
             + _first_difference(gathered, ranks)
-            + " (averaging them would fail or mix unrelated numbers, so nothing was averaged; "
-            "Round(verify=None) skips this check at init, Round(agree=False) the one at each round)"
+            + f" ({advice})"
         )
-        error.refused_by = tuple(
-            rank for rank, held in zip(ranks, gathered) if any(path == "<refused>" for path, _ in held)
-        )
+        error.refused_by = refused_by
         return error
 
     def _collective(self, begin: Any) -> None:
@@ -425,7 +431,14 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
         mine, theirs = dict(first), dict(other)
         for who, entries_of in ((ranks[0], mine), (rank, theirs)):
             if "<refused>" in entries_of:  # first: it says why, whatever else differs
-                return f"rank {who} refused the round ({entries_of['<refused>']})"
+                steps = ""
+                if mine.get("<step>") != theirs.get("<step>"):
+                    steps = (
+                        f", at step {entries_of.get('<step>')} of its schedule, where rank "
+                        f"{rank if who == ranks[0] else ranks[0]} averages at step "
+                        f"{(theirs if who == ranks[0] else mine).get('<step>')} (their schedules may be out of step)"
+                    )
+                return f"rank {who} refused the round ({entries_of['<refused>']}){steps}"
         if mine.get("<step>") != theirs.get("<step>"):
             return (
                 f"rank {ranks[0]} averages at step {mine.get('<step>')}, rank {rank} at step "

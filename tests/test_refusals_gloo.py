@@ -33,22 +33,49 @@ def _params(rank: int) -> dict[str, Any]:
     return {"a": torch.full((6,), float(rank)), "b": torch.full((2, 3), float(rank))}
 
 
-def _build(algo: str, reduce: avgfn.Reduce, where: Any = None) -> avgfn.Averager:
+def _where_raises(leaf: Any) -> bool:
+    raise RuntimeError("where boom")
+
+
+def _weight_raises(params: Any, step: int) -> float:
+    raise KeyError("no such sample count")
+
+
+def _build(algo: str, reduce: avgfn.Reduce, where: Any = None, odd: bool = False) -> Any:
+    """The averager; ``odd``: its weight (or slowmo's ``lr``) is not a number."""
+    weight: Any = (lambda params, step: "heavy") if odd else 1.0
     if algo == "periodic":
         return avgfn.periodic(1, reduce=reduce, where=where)
     if algo == "hierarchical":
         return avgfn.hierarchical([(1, reduce)], where=where)
     if algo == "diloco":
         return avgfn.diloco(1, reduce=reduce, where=where)
+    if algo == "overlapped":
+        return avgfn.overlapped_diloco(1, reduce=reduce, eager=False, where=where)  # equal params after
     if algo == "streaming":
         return avgfn.streaming_diloco(1, reduce=reduce, num_fragments=1, where=where)
     if algo == "slowmo":
-        return avgfn.slowmo(1, reduce=reduce, lr=0.1, where=where)
+        return avgfn.slowmo(1, reduce=reduce, lr=(lambda step: "fast") if odd else 0.1, where=where)
     if algo == "weighted":
-        return avgfn.weighted(1, reduce=reduce, weight=1.0, where=where)
+        return avgfn.weighted(1, reduce=reduce, weight=weight, where=where)
     if algo == "fedavgm":
-        return avgfn.fedavgm(1, reduce=reduce, weight=1.0, where=where)
+        return avgfn.fedavgm(1, reduce=reduce, weight=weight, where=where)
+    if algo == "gradients":
+        return avgfn.post_local_gradients(100, global_reduce=reduce, local_reduce=None, where=where)
+    if algo == "average":  # the functional round, as an averager without state
+        return _Average(reduce, where)
     raise AssertionError(algo)
+
+
+class _Average:
+    def __init__(self, reduce: avgfn.Reduce, where: Any) -> None:
+        self.reduce, self.where = reduce, where
+
+    def init(self, params: Any) -> None:
+        return None
+
+    def update(self, params: Any, state: Any, step: int) -> tuple[Any, Any]:
+        return avgfn.average(params, self.reduce, where=self.where), state
 
 
 def _attempt(rank: int, fn: Callable[[], Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -57,17 +84,19 @@ def _attempt(rank: int, fn: Callable[[], Any], params: dict[str, Any]) -> dict[s
         fn()
         out: dict[str, Any] = {"error": None, "message": ""}
     except Exception as e:  # noqa: BLE001 - the outcome is the point
-        out = {"error": type(e).__name__, "message": str(e)}
+        out = {"error": type(e).__name__, "message": str(e), "refused_by": list(getattr(e, "refused_by", ()))}
     out["unchanged"] = all(torch.equal(kept[k], params[k]) for k in kept)
     return out
 
 
-def _refusals(rank: int, world_size: int, algo: str, case: str) -> dict[str, Any]:
+def _refusals(rank: int, world_size: int, algo: str, case: str, warm: int) -> dict[str, Any]:
     warnings.simplefilter("ignore")  # period 1
     reduce = avgfn.collectives.all_reduce_mean(timeout=_TIMEOUT)
     avg = _build(algo, reduce)
     state = avg.init(_params(0))  # the same start everywhere (the global copy of the outer steps)
     good = _params(rank)
+    for step in range(warm):  # rounds that agree: the group's history then predicts the next
+        _, state = avg.update(dict(good), state, step)
     params: Any = dict(good)
     bad_state: Any = state
     refusing = avg
@@ -78,15 +107,23 @@ def _refusals(rank: int, world_size: int, algo: str, case: str) -> dict[str, Any
             bad_state = avgfn.ema(0.5).init(good)  # its init does not communicate
         elif case == "where_yields_a_non_bool":
             refusing = _build(algo, reduce, lambda leaf: "yes")
+        elif case == "where_is_not_a_where":
+            refusing = _Average(reduce, "yes")
         elif case == "selects_a_non_tensor":
             params = {**good, "n": 3}
             refusing = _build(algo, reduce, {"a": True, "b": True, "n": True})
         elif case == "drops_a_leaf":
             params = {"a": good["a"]}
-    refused = _attempt(rank, lambda: refusing.update(params, bad_state, 0), good)
+        elif case == "weight_or_lr_is_not_a_number":
+            refusing = _build(algo, reduce, odd=True)
+        elif case == "where_raises":  # any error of the user's own callable, not only a check's
+            refusing = _build(algo, reduce, _where_raises)
+        elif case == "weight_raises":
+            refusing = avgfn.fedavgm(1, reduce=reduce, weight=_weight_raises)
+    refused = _attempt(rank, lambda: refusing.update(params, bad_state, warm), good)
     # the group is still in step: the next round, with good inputs everywhere, averages
     try:
-        new, _ = avg.update(good, state, 1)
+        new, _ = avg.update(good, state, warm + 1)
         after: Any = new["a"].tolist()
     except Exception as e:  # noqa: BLE001
         after = f"{type(e).__name__}: {e}"
@@ -94,29 +131,42 @@ def _refusals(rank: int, world_size: int, algo: str, case: str) -> dict[str, Any
 
 
 _CASES = [
-    ("periodic", "generator", "TypeError"),
-    ("periodic", "state_of_another_averager", "TypeError"),
-    ("periodic", "where_yields_a_non_bool", "TypeError"),
-    ("periodic", "selects_a_non_tensor", "TypeError"),
-    ("hierarchical", "generator", "TypeError"),
-    ("diloco", "state_of_another_averager", "TypeError"),
-    ("diloco", "drops_a_leaf", "ValueError"),
-    ("streaming", "generator", "TypeError"),
-    ("slowmo", "drops_a_leaf", "ValueError"),
-    ("slowmo", "generator", "TypeError"),
-    ("weighted", "where_yields_a_non_bool", "TypeError"),
-    ("fedavgm", "state_of_another_averager", "TypeError"),
+    ("periodic", "generator", "TypeError", 0),
+    ("periodic", "generator", "TypeError", 4),  # its check travels in the data collective
+    ("periodic", "state_of_another_averager", "TypeError", 0),
+    ("periodic", "where_yields_a_non_bool", "TypeError", 4),
+    ("periodic", "selects_a_non_tensor", "TypeError", 0),
+    ("hierarchical", "generator", "TypeError", 0),
+    ("average", "generator", "TypeError", 4),
+    ("average", "where_is_not_a_where", "TypeError", 0),
+    ("gradients", "generator", "TypeError", 4),
+    ("diloco", "state_of_another_averager", "TypeError", 0),
+    ("diloco", "drops_a_leaf", "ValueError", 0),
+    ("diloco", "drops_a_leaf", "ValueError", 4),
+    ("overlapped", "state_of_another_averager", "TypeError", 2),
+    ("streaming", "generator", "TypeError", 0),
+    ("slowmo", "drops_a_leaf", "ValueError", 0),
+    ("slowmo", "generator", "TypeError", 0),
+    ("slowmo", "weight_or_lr_is_not_a_number", "TypeError", 2),
+    ("weighted", "where_yields_a_non_bool", "TypeError", 0),
+    ("weighted", "weight_or_lr_is_not_a_number", "TypeError", 2),
+    ("fedavgm", "state_of_another_averager", "TypeError", 0),
+    ("fedavgm", "weight_or_lr_is_not_a_number", "TypeError", 2),
+    ("periodic", "where_raises", "RuntimeError", 4),
+    ("fedavgm", "weight_raises", "KeyError", 2),
 ]
 
 
-@pytest.mark.parametrize("algo, case, raised", _CASES)
-def test_a_replica_that_refuses_its_inputs_at_a_due_step_is_named_by_its_peer_at_once(algo, case, raised):
-    outcome = run_faulty_world(_refusals, 2, algo, case, deadline=60)
+@pytest.mark.parametrize("algo, case, raised, warm", _CASES)
+def test_a_replica_that_refuses_its_inputs_at_a_due_step_is_named_by_its_peer_at_once(algo, case, raised, warm):
+    outcome = run_faulty_world(_refusals, 2, algo, case, warm, deadline=60)
     assert outcome.exitcodes == {0: 0, 1: 0}, outcome
     r0, r1 = outcome.results[0]["refused"], outcome.results[1]["refused"]
     assert r1["error"] == raised, r1
     assert r0["error"] == "ReplicaMismatchError", r0
     assert "rank 1 refused the round" in r0["message"] and raised in r0["message"], r0["message"]
+    assert "fix the inputs of rank 1" in r0["message"], r0["message"]
+    assert r0["refused_by"] == [1], r0
     assert r0["unchanged"] and r1["unchanged"], (r0, r1)
     after0, after1 = outcome.results[0]["after"], outcome.results[1]["after"]
     assert isinstance(after0, list) and after0 == after1, (after0, after1)

@@ -279,8 +279,11 @@ _ROUNDS = {
         (lambda t: torch.empty_like(t, device="meta"), TypeError, "dtype and device"),
         (lambda t: t.to(torch.int64), TypeError, "dtype and device"),
         (lambda t: t[:1], ValueError, "shaped like its input"),
+        (lambda t: t[:1].clone().expand(t.shape), TypeError, "contiguous tensor"),
+        (lambda t: torch.stack([t, t], 1)[:, 0], TypeError, "contiguous tensor"),
+        (lambda t: t.to_sparse(), TypeError, "dense"),
     ],
-    ids=["list", "shaped", "meta", "int", "short"],
+    ids=["list", "shaped", "meta", "int", "short", "expanded", "strided", "sparse"],
 )
 def test_every_round_refuses_a_reduce_result_that_is_not_a_tensor_like_its_input(rnd, reduce, error, match):
     # the health flags' collective (donated and excluding rounds) checks its result as the data's does
@@ -629,3 +632,16 @@ def test_the_mean_dtype_of_integer_leaves_follows_the_default_dtype():
     finally:
         torch.set_default_dtype(old)
 
+
+
+def test_a_refusal_at_another_step_names_both_steps():
+    # the refusal says why; the steps say that the schedules may be out of step as well
+    from avgfn.collectives import _first_difference
+
+    refused = [("<step>", "1"), ("<round>", "r"), ("<refused>", "TypeError: bad")]
+    plain = [("<step>", "2"), ("<round>", "r"), ("['a']", "(3,) torch.float32")]
+    message = _first_difference([plain, refused], [0, 1])
+    assert message.startswith("rank 1 refused the round (TypeError: bad), at step 1 of its schedule")
+    assert "rank 0 averages at step 2" in message
+    same = _first_difference([plain, [("<step>", "2"), *refused[1:]]], [0, 1])
+    assert same == "rank 1 refused the round (TypeError: bad)"

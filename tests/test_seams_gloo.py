@@ -120,11 +120,18 @@ def _narrow_band(rank: int, reduce: Any, kind: str, peer: float) -> dict[str, An
     return result
 
 
-def _other_kind(rank: int, reduce: Any) -> dict[str, Any]:
+def _other_kind(rank: int, reduce: Any, weighted: bool) -> dict[str, Any]:
     # the same leaves, step and Round: rank 0 averages its params, rank 1 a pseudo-gradient
     params = {"w": torch.full((4,), float(rank))}
     rnd = avgfn.Round(verify=None)  # no check at init, nor at diloco's first round
-    avg = avgfn.periodic(2, reduce=reduce, warmup_steps=1, round=rnd) if rank == 0 else avgfn.diloco(2, reduce=reduce, round=rnd)
+    if weighted:
+        avg = (
+            avgfn.weighted(2, reduce=reduce, weight=1.0, warmup_steps=1, round=rnd)
+            if rank == 0
+            else avgfn.fedavgm(2, reduce=reduce, weight=1.0, round=rnd)
+        )
+    else:
+        avg = avgfn.periodic(2, reduce=reduce, warmup_steps=1, round=rnd) if rank == 0 else avgfn.diloco(2, reduce=reduce, round=rnd)
     state = avg.init({"w": torch.zeros(4)})
     return _outcome(lambda: avg.update(params, state, 1), params)
 
@@ -172,7 +179,8 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
         "round/comm_dtype": _other_round(rank, reduce, {"comm_dtype": torch.bfloat16}),
         "round/buckets": _other_round(rank, reduce, {"bucket_bytes": 16}),
         "round/exclude": _other_round(rank, reduce, {"nonfinite": "exclude"}),
-        "kind": _other_kind(rank, reduce),
+        "kind": _other_kind(rank, reduce, False),
+        "kind/weighted": _other_kind(rank, reduce, True),
         "refusal": _local_refusal(rank, reduce),
         "diloco_refusal": _diloco_refusal(rank, reduce),
     }
@@ -259,9 +267,10 @@ def test_a_replica_that_averages_params_where_its_peer_averages_pseudo_gradients
     # periodic on one rank, diloco on the other: the same leaves at the same step, but
     # not the same numbers (params against pseudo-gradients)
     for rank in (0, 1):
-        r = world[rank]["kind"]
-        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], r
-        assert "averages=params" in r["message"] and "averages=pseudo-gradients" in r["message"], r
+        for kind in ("kind", "kind/weighted"):  # periodic against diloco, weighted against fedavgm
+            r = world[rank][kind]
+            assert r["error"] == "ReplicaMismatchError" and r["unchanged"], r
+            assert "averages=params" in r["message"] and "averages=pseudo-gradients" in r["message"], r
 
 
 def test_the_group_still_works_after_every_refusal(world):

@@ -68,12 +68,12 @@ def average(
       >>> out["w"] is params["w"]                         # reduced in place
       True
     """
-    _select.check_where(where)
     rnd = round_options(
         "average", round, deprecated, nonfinite=("raise", "skip", "exclude", "ignore"),
         allowed=("donate", "bucket_bytes", "comm_dtype", "nonfinite", "verify", "agree"),
     )  # fmt: skip
     with refusing(reduce, rnd.agree, None):  # the peers are in the round: they learn of it at once
+        _select.check_where(where)
         check_params(params, "average")
         check_has_tensor(_tree.tree_leaves(params), "average")
     return average_tree(params, reduce, where, rnd)[0]

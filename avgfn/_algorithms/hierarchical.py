@@ -16,7 +16,6 @@ from avgfn._core.checks import (
     check_int,
     check_params,
     check_reduce,
-    check_state,
     check_step,
     check_update,
 )
@@ -117,12 +116,13 @@ def hierarchical(
         if step >= warmup_steps:
             for level, period, reduce in by_largest:
                 if step % period == 0:
-                    due = reduce
+                    due = (level, reduce)
                     break
         if due is None:
             check_update(params, state, HierarchicalState, "hierarchical")
             return params, state
-        with refusing(due, rnd.agree, step):  # the peers are in the round: they learn of it at once
+        level, reduce = due
+        with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
             check_update(params, state, HierarchicalState, "hierarchical")
             rounds = state.rounds
             if rounds.shape != (num_levels,):

@@ -122,8 +122,9 @@ def verify_first_round(
         return
     if bool(torch.any(rounds != 0)):
         return
-    leaves, spec, chosen = selected(params, where)
-    check_match(globals_, [leaves[i] for i in chosen], who)
+    with refusing(reduce, True, None):  # the peers are in this check: they learn of it at once
+        leaves, spec, chosen = selected(params, where)
+        check_match(globals_, [leaves[i] for i in chosen], who)
     by_leaf = dict(zip(chosen, globals_))
     view = _tree.tree_unflatten([by_leaf.get(i) for i in range(len(leaves))], spec)
     try:

@@ -17,7 +17,6 @@ from avgfn._core.checks import (
     check_int,
     check_params,
     check_reduce,
-    check_state,
     check_step,
     check_update,
 )

@@ -13,7 +13,7 @@ from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._round.engine import average_tree, reduce_round, refusing
 from avgfn._core.types import Averager, Params, Reduce
-from avgfn._core.checks import check_int, check_params, check_reduce, check_step, check_update
+from avgfn._core.checks import check_int, check_reduce, check_step, check_update
 from avgfn._algorithms.outer import (
     all_finite,
     at_step,
@@ -214,9 +214,11 @@ def slowmo(
             return params, state
         with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
             check_update(params, state, SlowMoState, "slowmo")
-            leaves, spec, chosen = selected(params, where)
-            local = [leaves[i] for i in chosen]
-            check_match(state.global_params, local, "slowmo")
+            if slow:  # (a base round averages the params, whatever the selection holds now)
+                leaves, spec, chosen = selected(params, where)
+                local = [leaves[i] for i in chosen]
+                check_match(state.global_params, local, "slowmo")
+                lr_t = _lr_value(lr_spec, step)
         with at_step(step):  # before the first round of either kind mixes anything
             verify_first_round(state.rounds, state.global_params, params, where, reduce, verify, "slowmo")
         rounds = state.rounds
@@ -224,7 +226,6 @@ def slowmo(
             with at_step(step):
                 new_params, _ = average_tree(params, reduce, where, rnd, None, step)
             return new_params, state.replace(rounds=rounds + _BASE_BUMP.to(rounds.device))
-        lr_t = _lr_value(lr_spec, step)
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):
             averaged, _ = reduce_round(local, reduce, rnd, step=step, names=names, policy=slow_policy)

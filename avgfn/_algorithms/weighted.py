@@ -47,9 +47,12 @@ from avgfn.optim._sgd import sgd
 __all__ = ["WeightedState", "fedavg", "fedavgm", "weighted"]
 
 
-def _wire(rnd: Round) -> str:
-    """What decides a weighted round's collectives besides its leaves (compared by its check)."""
-    return f"weighted: comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, donate={rnd.donate}"
+def _wire(rnd: Round, what: str = "params") -> str:
+    """What decides a weighted round's collectives besides its leaves, and what it averages (compared by its check)."""
+    return (
+        f"weighted: averages={what}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, "
+        f"donate={rnd.donate}"
+    )
 
 # numbers.Real: any real number is accepted (a Fraction, a NumPy scalar), not only float and int.
 Weight = Union[
@@ -108,6 +111,7 @@ def weighted_mean(
     who: str,
     step: int,
     names: Names,
+    what: str = "params",
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """``sum_i w_i x_i / sum_i w_i`` over the group, with two Reduce calls.
 
@@ -117,7 +121,8 @@ def weighted_mean(
     weights give the plain mean bit for bit), in at least float32. Returns
     the means, in the tensors' dtypes, and a 0-d bool tensor that is False when
     the round is invalid (some weight bad, or all zero): then the means are the
-    tensors themselves. Every replica sees the same decision; with
+    tensors themselves (``what`` names them in the check: ``"params"``, or
+    fedavgm's ``"pseudo-gradients"``). Every replica sees the same decision; with
     ``invalid="raise"`` every replica raises ``ValueError`` instead (eagerly;
     under a transform the round is skipped). The second call is made in every
     case, so that all replicas make the same calls.
@@ -125,7 +130,7 @@ def weighted_mean(
     # Before the weights move the replicas agree on the leaves and the step (not while
     # torch.compile traces: the check is host-side, and skipped there, see docs/round.md).
     if rnd.agree and not torch.compiler.is_compiling():
-        start_round(list(tensors), reduce, step, names, None, _wire(rnd)).wait()
+        start_round(list(tensors), reduce, step, names, None, _wire(rnd, what)).wait()
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
     info = torch.stack([torch.where(bad, torch.zeros_like(weight), weight), bad.to(torch.float64)])
@@ -450,7 +455,7 @@ def fedavgm(
         device = tensors[0].device if tensors else torch.device("cpu")
         with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
             w = _weight_value(weight, params, step, device)
-        return weighted_mean(tensors, reduce, w, wire_round, invalid, "fedavgm", step, names)
+        return weighted_mean(tensors, reduce, w, wire_round, invalid, "fedavgm", step, names, "pseudo-gradients")
 
     return outer_averager(
         "fedavgm", period, reduce=reduce, outer=outer, mean=mean, where=where,

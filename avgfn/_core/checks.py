@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from avgfn._core.traced import traced
+
 _S = TypeVar("_S")
 
 
@@ -119,6 +121,8 @@ def check_reduced(result: Any, buf: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(result, torch.Tensor):
         raise TypeError(f"reduce must return a Tensor, got {type(result).__name__}")
+    if result.layout != torch.strided:
+        raise TypeError(f"reduce must return a dense (strided) tensor, got layout {result.layout}")
     if result.shape != buf.shape:
         raise ValueError(
             f"reduce must return a tensor shaped like its input {tuple(buf.shape)}, "
@@ -128,5 +132,10 @@ def check_reduced(result: Any, buf: torch.Tensor) -> torch.Tensor:
         raise TypeError(
             f"reduce must return a tensor of its input's dtype and device ({buf.dtype} on "
             f"{buf.device}), got {result.dtype} on {result.device}"
+        )
+    if not result.is_contiguous() and not traced(result):
+        raise TypeError(
+            f"reduce must return a contiguous tensor, like its input (the averaged leaves are views "
+            f"of it), got one with strides {result.stride()}"
         )
     return result

@@ -64,12 +64,19 @@ class NonFiniteError(AveragingError, FloatingPointError):
 
 
 class ReplicaMismatchError(AveragingError, ValueError):
-    """The replicas of a group hold params of different structure or values.
+    """The replicas of a group do not run the same round: other params, values, steps or options.
+
+    Also raised on the peers of a replica that refused the round because of
+    its own inputs (that replica raises its own ``TypeError`` or
+    ``ValueError``).
 
     Attributes:
       refused_by: the ranks that refused the round because of their own
-        inputs (each raised its own ``TypeError`` or ``ValueError``, named in
-        the message); empty when the replicas only hold different params.
+        inputs (the message names the first and its error); empty when the
+        replicas only hold different params. Set by
+        [`collectives.all_reduce_mean`][avgfn.collectives.all_reduce_mean];
+        a torchft quorum's check does not gather the ranks' entries and
+        leaves it empty.
     """
 
     refused_by: tuple[int, ...] = ()

@@ -218,8 +218,11 @@ def refuse(reduce: Reduce, step: Optional[int], error: Exception) -> None:
     once (its ``refused_by`` holds this rank) instead of waiting for a
     collective that never comes, and the group stays in step. The caller
     raises ``error`` itself; a failure of the agreement (a peer gone too) is
-    not raised over it.
+    not raised over it. Under a ``torch.func`` transform nothing is sent:
+    the peers' rounds run no check there (see `avgfn._round.agree.start_round`).
     """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return
     try:
         reduce_round([], reduce, DEFAULT, step=step, names=list, refusal=error)
     except Exception:  # noqa: BLE001 - ``error`` is what the caller raises
@@ -229,11 +232,13 @@ def refuse(reduce: Reduce, step: Optional[int], error: Exception) -> None:
 class refusing:
     """The checks of a due step that only this replica's inputs decide: their failure is forwarded.
 
-    A ``TypeError`` or ``ValueError`` raised inside (a state of another
-    averager, params that are a generator, a ``where`` that selects a
-    non-tensor, a global copy that no longer fits) goes to `refuse()` before
-    it propagates, when ``agree`` (the round's agreement is on: without it
-    the peers run no check to meet). Errors of a round itself
+    An exception raised inside (a ``TypeError`` or ``ValueError`` of a check:
+    a state of another averager, params that are a generator, a ``where``
+    that selects a non-tensor, a global copy that no longer fits; or any
+    error of the user's own callables run there: ``where``, a weight, an
+    ``lr`` schedule) goes to `refuse()` before it propagates, when ``agree``
+    (the round's agreement is on: without it the peers run no check to
+    meet). No collective runs inside. Errors of a round itself
     ([`avgfn.AveragingError`][avgfn.AveragingError]) pass as they are.
 
     Examples:
@@ -251,7 +256,7 @@ class refusing:
         return None
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> Literal[False]:
-        if self.agree and isinstance(error, (TypeError, ValueError)) and not isinstance(error, AveragingError):
+        if self.agree and isinstance(error, Exception) and not isinstance(error, AveragingError):
             refuse(self.reduce, self.step, error)
         return False
 

@@ -36,9 +36,9 @@ from typing import Any, Optional
 import torch
 
 from avgfn._core import types as _types
-from avgfn._core.types import Reduce
 from avgfn._core.checks import check_reduced
 from avgfn._core.errors import NonFiniteError
+from avgfn._core.types import Reduce
 from avgfn._core.traced import traced
 from avgfn._round import sharded as _sharded
 

@@ -170,3 +170,31 @@ def test_a_replica_that_refuses_its_inputs_at_a_due_step_is_named_by_its_peer_at
     assert r0["unchanged"] and r1["unchanged"], (r0, r1)
     after0, after1 = outcome.results[0]["after"], outcome.results[1]["after"]
     assert isinstance(after0, list) and after0 == after1, (after0, after1)
+
+
+def _not_forwarded(rank: int, world_size: int, case: str) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    reduce = avgfn.collectives.all_reduce_mean(timeout=2.0)
+    if case == "agree_off":  # no check to meet: the peer waits for the data, then times out
+        avg: Any = avgfn.periodic(1, reduce=reduce, round=avgfn.Round(agree=False))
+        step = 0
+    else:  # "apply_only": a step that communicates nothing, on every rank
+        avg = avgfn.streaming_diloco(4, reduce=reduce, num_fragments=2, delay=1)
+        step = 1  # applies fragment 0, whose average started at step 0
+    good = _params(0)
+    state = avg.init(good)
+    for s in range(step):
+        _, state = avg.update(dict(good), state, s)
+    params: Any = (p for p in good.values()) if rank == 1 else dict(good)
+    return _attempt(rank, lambda: avg.update(params, state, step), good)
+
+
+@pytest.mark.parametrize("case, peer", [("agree_off", "PeerError"), ("apply_only", None)])
+def test_a_refusal_is_not_forwarded_where_the_peers_run_no_check(case, peer):
+    # Round(agree=False): the peers run no check, so a forwarded one would meet their data
+    # collective; an apply-only step of streaming_diloco runs no collective at all
+    outcome = run_faulty_world(_not_forwarded, 2, case, deadline=60)
+    assert outcome.exitcodes == {0: 0, 1: 0}, outcome
+    r0, r1 = outcome.results[0], outcome.results[1]
+    assert r1["error"] == "TypeError", r1
+    assert r0["error"] == peer and r0["unchanged"], r0

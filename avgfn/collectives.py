@@ -432,7 +432,8 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
         for who, entries_of in ((ranks[0], mine), (rank, theirs)):
             if "<refused>" in entries_of:  # first: it says why, whatever else differs
                 steps = ""
-                if mine.get("<step>") != theirs.get("<step>"):
+                known = {mine.get("<step>"), theirs.get("<step>")}.isdisjoint({None, "none"})
+                if known and mine.get("<step>") != theirs.get("<step>"):  # (a check at init has none)
                     steps = (
                         f", at step {entries_of.get('<step>')} of its schedule, where rank "
                         f"{rank if who == ranks[0] else ranks[0]} averages at step "

@@ -199,13 +199,34 @@ class QuorumMean:
         if int(probe[0]) == value and int(probe[1]) == -value:
             return
         mine = dict(entries())
-        error = ReplicaMismatchError(
-            f"the participants of the torchft quorum ({self.size}) do not average the same "
-            f"leaves at the same step (this replica: step {mine.get('<step>', '?')}, "
-            f"{len([k for k in mine if not k.startswith('<')])} leaves); nothing was averaged"
-        )
+        who = self._refusing("<refused>" in mine)
+        if who is not None:
+            error = ReplicaMismatchError(
+                f"participant {who} of the torchft quorum ({self.size}) refused the round (its own "
+                "error says what it refused); nothing was averaged: fix that replica's inputs"
+            )
+            error.refused_by = (who,)
+        else:
+            error = ReplicaMismatchError(
+                f"the participants of the torchft quorum ({self.size}) do not average the same "
+                f"leaves at the same step (this replica: step {mine.get('<step>', '?')}, "
+                f"{len([k for k in mine if not k.startswith('<')])} leaves); nothing was averaged"
+            )
         self.decline(error)
         raise error
+
+    def _refusing(self, refused: bool) -> Optional[int]:
+        """After a failed check, on every participant: the participating rank of one that refused the round.
+
+        The quorum's collective is an all-reduce, not a gather: a second one
+        (MAX of ``rank + 1`` where a replica refused its own inputs) tells
+        every participant whether one did, and which.
+        """
+        rank = self.manager.participating_rank()
+        mark = torch.tensor([(0 if rank is None else rank) + 1 if refused else 0], dtype=torch.int64)
+        _QuorumPending(self, self.manager.allreduce(mark, reduce_op=dist.ReduceOp.MAX), mark).wait()
+        found = int(mark[0])
+        return None if found == 0 else found - 1
 
     def commit(self) -> bool:
         """The quorum's vote on the round that just completed: ``manager.should_commit()``."""

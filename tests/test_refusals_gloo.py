@@ -17,6 +17,7 @@ fails the test with ``PeerError`` instead of ``ReplicaMismatchError``.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Callable
 
@@ -198,3 +199,61 @@ def test_a_refusal_is_not_forwarded_where_the_peers_run_no_check(case, peer):
     r0, r1 = outcome.results[0], outcome.results[1]
     assert r1["error"] == "TypeError", r1
     assert r0["error"] == peer and r0["unchanged"], r0
+
+
+def _sharded_refusal(rank: int, world_size: int, pause: float) -> dict[str, Any]:
+    # a 2x2 mesh: replicas along "replicate", each holding its params in two shards
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    warnings.simplefilter("ignore")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    reduce = avgfn.collectives.all_reduce_mean(mesh["replicate"].get_group(), timeout=_TIMEOUT)
+    avg = avgfn.periodic(1, reduce=reduce)
+
+    def sharded(offset: float) -> dict[str, Any]:
+        full = {"a": torch.arange(6.0) + offset, "b": torch.arange(12.0).reshape(4, 3) + offset}
+        return {k: distribute_tensor(v, mesh["shard"], [Shard(0)], src_data_rank=None) for k, v in full.items()}
+
+    good = sharded(10.0 * (rank // 2))
+    state = avg.init(good)
+    kept = {k: v.to_local().clone() for k, v in good.items()}
+    params: Any = (p for p in good.values()) if rank == 0 else good  # replica 0, its first shard
+    try:
+        out = avg.update(params, state, 0)[0]
+        result: dict[str, Any] = {"error": None, "message": ""}
+        result["returned"] = all(isinstance(v, DTensor) for v in out.values())
+    except Exception as e:  # noqa: BLE001
+        result = {"error": type(e).__name__, "message": str(e)}
+    result["unchanged"] = all(torch.equal(kept[k], good[k].to_local()) for k in kept)
+    if rank in (0, 2):  # the ranks that raised at once go on to the next step: their shards' peers meet it
+        time.sleep(pause)
+        try:
+            avg.update(good, state, 1)
+            result["next"] = None
+        except Exception as e:  # noqa: BLE001
+            result["next"] = type(e).__name__
+    return result
+
+
+@pytest.mark.parametrize("pause", [0.0, 2 * _TIMEOUT])
+def test_in_a_sharded_world_no_rank_takes_a_refused_round_for_a_good_one(pause):
+    # rank 0 refuses: its replica peer (rank 2) learns it from the round's check; the ranks
+    # holding the other shards (1 and 3) ran their round, and their shard check meets the
+    # next round of rank 0 and 2: they raise, naming both steps, instead of returning
+    # half a replica averaged; if that next round comes later than the Reduce's timeout,
+    # they raise PeerError within it
+    outcome = run_faulty_world(_sharded_refusal, 4, pause, deadline=120)
+    assert all(code == 0 for code in outcome.exitcodes.values()), outcome
+    r = outcome.results
+    assert r[0]["error"] == "TypeError" and r[2]["error"] == "ReplicaMismatchError", r
+    for rank in (1, 3):
+        if pause:
+            assert r[rank]["error"] == "PeerError", r[rank]
+            assert "other shards of this replica" in r[rank]["message"], r[rank]["message"]
+        else:
+            assert r[rank]["error"] == "ReplicaMismatchError", r[rank]
+            assert "shards of this replica are at different rounds (step 0 and step 1)" in r[rank]["message"]
+    assert all(r[rank]["unchanged"] for rank in range(4)), r
+    if not pause:
+        assert r[0]["next"] == r[2]["next"] == "ReplicaMismatchError", r

@@ -645,3 +645,6 @@ def test_a_refusal_at_another_step_names_both_steps():
     assert "rank 0 averages at step 2" in message
     same = _first_difference([plain, [("<step>", "2"), *refused[1:]]], [0, 1])
     assert same == "rank 1 refused the round (TypeError: bad)"
+    # a check without a step (init's, an outer step's first-round check of its global copy)
+    for check in ([("<values>", "v"), ("['a']", "(3,) torch.float32")], [("<step>", "none"), *plain[1:]]):
+        assert _first_difference([check, refused], [0, 1]) == "rank 1 refused the round (TypeError: bad)"

@@ -454,6 +454,54 @@ def _wait_for(what: Callable[[], bool], timeout: float, describe: str) -> None:
         time.sleep(0.02)
 
 
+def test_a_replica_that_refuses_its_inputs_is_named_by_its_peers(ft):
+    # Replica 1 passes a generator at the first round of diloco: it raises its own
+    # TypeError; replica 0, whose check meets the refusal, names it instead of calling
+    # the global copies different (the first-round check of the outer steps)
+    import threading
+
+    import torch.distributed as dist
+
+    server, address = _lighthouse(ft, min_replicas=2)
+    stores = [dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) for _ in range(2)]
+    managers = [_manager(ft, address, f"refuse{i}", stores[i].port, 2, init_sync=False) for i in range(2)]
+    outcome: dict[int, Any] = {}
+
+    def run(i: int) -> None:
+        try:
+            reduce = avgfn.torchft.quorum_mean(managers[i])
+            replica = avgfn.torchft.Replica(
+                reduce, _averager("diloco", reduce), _initial_params(), step=PERIOD - 1  # a due step
+            )
+            params = replica.begin()
+            try:
+                replica.update((p for p in params.values()) if i == 1 else params)
+                outcome[i] = "no error"
+            except Exception as error:  # noqa: BLE001 - the outcome is the point
+                kept = replica.params is params and replica.step == PERIOD - 1
+                outcome[i] = (type(error).__name__, str(error), getattr(error, "refused_by", None), kept)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            outcome[i] = error
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a replica hung"
+    finally:
+        for manager in managers:
+            manager.shutdown(wait=False)
+        server.shutdown()
+    assert isinstance(outcome.get(0), tuple) and isinstance(outcome.get(1), tuple), outcome
+    assert outcome[1][0] == "TypeError" and outcome[1][3], outcome
+    kind, message, refused_by, kept = outcome[0]
+    assert kind == "ReplicaMismatchError" and kept, outcome
+    assert "refused the round" in message and "different global params" not in message, message
+    assert refused_by is not None and len(refused_by) == 1, outcome
+
+
 def _replica_main(cfg: dict[str, Any]) -> None:
     """One replica process: train, average over the quorum, log each round."""
     log = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)

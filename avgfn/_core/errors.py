@@ -73,10 +73,8 @@ class ReplicaMismatchError(AveragingError, ValueError):
     Attributes:
       refused_by: the ranks that refused the round because of their own
         inputs (the message names the first and its error); empty when the
-        replicas only hold different params. Set by
-        [`collectives.all_reduce_mean`][avgfn.collectives.all_reduce_mean];
-        a torchft quorum's check does not gather the ranks' entries and
-        leaves it empty.
+        replicas only hold different params. Over a torchft quorum it
+        holds the participating rank of one refusing participant.
     """
 
     refused_by: tuple[int, ...] = ()

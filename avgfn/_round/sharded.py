@@ -20,9 +20,14 @@ offset of the shard in the full tensor. Replicas holding different pieces
 
 from __future__ import annotations
 
+import datetime
+import time
 from typing import Any, Optional
 
 import torch
+
+from avgfn._core.errors import PeerError, ReplicaMismatchError
+from avgfn._core.traced import traced
 
 try:  # torch >= 2.4 exposes DTensor publicly
     from torch.distributed.tensor import DTensor as _DTensor
@@ -121,7 +126,9 @@ def layouts(leaves: list[Any]) -> Optional[tuple[str, ...]]:
     return tuple(layout(t) for t in leaves)
 
 
-def everywhere(flag: torch.Tensor, leaves: list[Any]) -> torch.Tensor:
+def everywhere(
+    flag: torch.Tensor, leaves: list[Any], step: Optional[int] = None, timeout: Optional[float] = None
+) -> torch.Tensor:
     """``flag`` (a plain 0-d bool tensor) and-ed over the ranks that hold other shards of the leaves.
 
     A decision taken on local shards (are they finite?) must be the same on
@@ -129,6 +136,15 @@ def everywhere(flag: torch.Tensor, leaves: list[Any]) -> torch.Tensor:
     round that another applies). One small all-reduce per mesh dimension a
     leaf is split on (``Shard`` or ``Partial``); the ``Replicate``
     dimensions, where the replicas differ, are left to the round.
+
+    The all-reduce carries the round's ``step``: the ranks of a replica that
+    meet in it at different rounds (one of them refused its inputs, or
+    failed, in an earlier round and left it; the round's check runs over
+    the replicas, not over a replica's shards) raise
+    [`avgfn.ReplicaMismatchError`][avgfn.ReplicaMismatchError] naming both
+    steps, instead of taking one round's answer for another's. ``timeout``
+    (seconds; the round's Reduce's): how long to wait for those ranks before
+    [`avgfn.PeerError`][avgfn.PeerError] (``None``: the process group's own).
     """
     import torch.distributed as dist
 
@@ -141,9 +157,37 @@ def everywhere(flag: torch.Tensor, leaves: list[Any]) -> torch.Tensor:
                 groups.append((t.device_mesh, dim))
     if not groups:
         return flag
-    value = flag.to(torch.int32).reshape(1)
+    tag = -1 if step is None else int(step)
     device = groups[0][0].device_type
-    value = value.to(device) if value.device.type != device else value.clone()
+    value = torch.cat([
+        flag.to(device=device, dtype=torch.int64).reshape(1),
+        torch.tensor([tag, -tag], dtype=torch.int64, device=device),
+    ])  # (min of the flags, min step, -max step)
     for mesh, dim in groups:
-        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
-    return value.to(flag.device).reshape(()).to(torch.bool)
+        if traced(value):
+            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
+            continue
+        started = time.monotonic()
+        try:
+            work = dist.all_reduce(value, op=dist.ReduceOp.MIN, group=mesh.get_group(dim), async_op=True)
+            work.wait() if timeout is None else work.wait(datetime.timedelta(seconds=timeout))
+        except RuntimeError as error:
+            raise PeerError(
+                f"the ranks that hold the other shards of this replica (mesh dimension {dim}) did not "
+                f"answer within {time.monotonic() - started:.2f}s: one of them died, stalled, or left "
+                "the round (it refused its inputs, or failed); the params passed to update are "
+                f"unchanged (unless donated). Cause: {error}",
+                group=f"mesh dimension {dim}",
+                timeout=timeout,
+            ) from error
+    if not traced(value):
+        low, high = int(value[1]), -int(value[2])
+        if low != high:
+            raise ReplicaMismatchError(
+                f"the ranks that hold the shards of this replica are at different rounds (step "
+                f"{low} and step {high}): one of them refused its inputs or failed in an earlier "
+                "round, and the replica's shards no longer match; the params passed to update "
+                "are unchanged (unless donated): restore params and state from a checkpoint on "
+                "every rank of the replica"
+            )
+    return value[0].to(flag.device).reshape(()).to(torch.bool)

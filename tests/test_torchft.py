@@ -351,37 +351,30 @@ def test_no_collective_before_a_quorum_and_no_check_at_init(solo):
         avgfn.torchft.Replica(lambda t: t, avg, _initial_params())
 
 
-def test_replicas_out_of_step_refuse_the_round_everywhere(ft):
-    # Two replicas (threads here, as in torchft's own tests) whose steps differ:
-    # the per-round agreement through the quorum makes both raise, vote no, and
-    # keep their params and state. init_sync=False: no heal at the first quorum
-    # (which would copy one replica's step to the other).
+def _two_replicas(ft: Any, name: str, run: Callable[[int, Any], Any]) -> dict[int, Any]:
+    """``run(i, manager)`` for two replicas (threads here, as in torchft's own tests) on one Lighthouse.
+
+    init_sync=False: no heal at the first quorum (which would copy one
+    replica's step to the other). Returns what each ``run`` returned, or
+    the exception it raised.
+    """
     import threading
 
     import torch.distributed as dist
 
     server, address = _lighthouse(ft, min_replicas=2)
     stores = [dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) for _ in range(2)]
-    managers = [_manager(ft, address, f"pair{i}", stores[i].port, 2, init_sync=False) for i in range(2)]
+    managers = [_manager(ft, address, f"{name}{i}", stores[i].port, 2, init_sync=False) for i in range(2)]
     outcome: dict[int, Any] = {}
 
-    def run(i: int) -> None:
+    def main(i: int) -> None:
         try:
-            reduce = avgfn.torchft.quorum_mean(managers[i])
-            replica = avgfn.torchft.Replica(reduce, _averager("diloco", reduce), _initial_params(),
-                                            step=(3, 7)[i])  # fmt: skip
-            params, state = replica.begin(), replica.state
-            try:
-                replica.update(params)
-                outcome[i] = "no error"
-            except avgfn.ReplicaMismatchError as error:
-                kept = replica.params is params and replica.state is state and replica.step == (3, 7)[i]
-                outcome[i] = (str(error), kept, managers[i].current_step(), reduce.quorum_due)
-        except BaseException as error:  # noqa: BLE001 - reported below
+            outcome[i] = run(i, managers[i])
+        except BaseException as error:  # noqa: BLE001 - reported by the caller
             outcome[i] = error
 
     try:
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+        threads = [threading.Thread(target=main, args=(i,), daemon=True) for i in range(2)]
         for t in threads:
             t.start()
         for t in threads:
@@ -391,6 +384,24 @@ def test_replicas_out_of_step_refuse_the_round_everywhere(ft):
         for manager in managers:
             manager.shutdown(wait=False)
         server.shutdown()
+    return outcome
+
+
+def test_replicas_out_of_step_refuse_the_round_everywhere(ft):
+    # Two replicas whose steps differ: the per-round agreement through the quorum
+    # makes both raise, vote no, and keep their params and state.
+    def run(i: int, manager: Any) -> Any:
+        reduce = avgfn.torchft.quorum_mean(manager)
+        replica = avgfn.torchft.Replica(reduce, _averager("diloco", reduce), _initial_params(), step=(3, 7)[i])
+        params, state = replica.begin(), replica.state
+        try:
+            replica.update(params)
+            return "no error"
+        except avgfn.ReplicaMismatchError as error:
+            kept = replica.params is params and replica.state is state and replica.step == (3, 7)[i]
+            return (str(error), kept, manager.current_step(), reduce.quorum_due)
+
+    outcome = _two_replicas(ft, "pair", run)
     for i, step in ((0, 3), (1, 7)):
         assert isinstance(outcome.get(i), tuple), outcome
         message, kept, current, due = outcome[i]
@@ -458,42 +469,20 @@ def test_a_replica_that_refuses_its_inputs_is_named_by_its_peers(ft):
     # Replica 1 passes a generator at the first round of diloco: it raises its own
     # TypeError; replica 0, whose check meets the refusal, names it instead of calling
     # the global copies different (the first-round check of the outer steps)
-    import threading
-
-    import torch.distributed as dist
-
-    server, address = _lighthouse(ft, min_replicas=2)
-    stores = [dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) for _ in range(2)]
-    managers = [_manager(ft, address, f"refuse{i}", stores[i].port, 2, init_sync=False) for i in range(2)]
-    outcome: dict[int, Any] = {}
-
-    def run(i: int) -> None:
+    def run(i: int, manager: Any) -> Any:
+        reduce = avgfn.torchft.quorum_mean(manager)
+        replica = avgfn.torchft.Replica(
+            reduce, _averager("diloco", reduce), _initial_params(), step=PERIOD - 1  # a due step
+        )
+        params = replica.begin()
         try:
-            reduce = avgfn.torchft.quorum_mean(managers[i])
-            replica = avgfn.torchft.Replica(
-                reduce, _averager("diloco", reduce), _initial_params(), step=PERIOD - 1  # a due step
-            )
-            params = replica.begin()
-            try:
-                replica.update((p for p in params.values()) if i == 1 else params)
-                outcome[i] = "no error"
-            except Exception as error:  # noqa: BLE001 - the outcome is the point
-                kept = replica.params is params and replica.step == PERIOD - 1
-                outcome[i] = (type(error).__name__, str(error), getattr(error, "refused_by", None), kept)
-        except BaseException as error:  # noqa: BLE001 - reported below
-            outcome[i] = error
+            replica.update((p for p in params.values()) if i == 1 else params)
+            return "no error"
+        except Exception as error:  # noqa: BLE001 - the outcome is the point
+            kept = replica.params is params and replica.step == PERIOD - 1
+            return (type(error).__name__, str(error), getattr(error, "refused_by", None), kept)
 
-    try:
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads), "a replica hung"
-    finally:
-        for manager in managers:
-            manager.shutdown(wait=False)
-        server.shutdown()
+    outcome = _two_replicas(ft, "refuse", run)
     assert isinstance(outcome.get(0), tuple) and isinstance(outcome.get(1), tuple), outcome
     assert outcome[1][0] == "TypeError" and outcome[1][3], outcome
     kind, message, refused_by, kept = outcome[0]

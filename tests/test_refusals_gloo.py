@@ -201,7 +201,7 @@ def test_a_refusal_is_not_forwarded_where_the_peers_run_no_check(case, peer):
     assert r0["error"] == peer and r0["unchanged"], r0
 
 
-def _sharded_refusal(rank: int, world_size: int, pause: float) -> dict[str, Any]:
+def _sharded_refusal(rank: int, world_size: int, pause: float, algo: str) -> dict[str, Any]:
     # a 2x2 mesh: replicas along "replicate", each holding its params in two shards
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -209,14 +209,14 @@ def _sharded_refusal(rank: int, world_size: int, pause: float) -> dict[str, Any]
     warnings.simplefilter("ignore")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     reduce = avgfn.collectives.all_reduce_mean(mesh["replicate"].get_group(), timeout=_TIMEOUT)
-    avg = avgfn.periodic(1, reduce=reduce)
+    avg = avgfn.periodic(1, reduce=reduce) if algo == "periodic" else avgfn.diloco(1, reduce=reduce)
 
     def sharded(offset: float) -> dict[str, Any]:
         full = {"a": torch.arange(6.0) + offset, "b": torch.arange(12.0).reshape(4, 3) + offset}
         return {k: distribute_tensor(v, mesh["shard"], [Shard(0)], src_data_rank=None) for k, v in full.items()}
 
+    state = avg.init(sharded(0.0))  # the same global copy on both replicas
     good = sharded(10.0 * (rank // 2))
-    state = avg.init(good)
     kept = {k: v.to_local().clone() for k, v in good.items()}
     params: Any = (p for p in good.values()) if rank == 0 else good  # replica 0, its first shard
     try:
@@ -236,14 +236,16 @@ def _sharded_refusal(rank: int, world_size: int, pause: float) -> dict[str, Any]
     return result
 
 
-@pytest.mark.parametrize("pause", [0.0, 2 * _TIMEOUT])
-def test_in_a_sharded_world_no_rank_takes_a_refused_round_for_a_good_one(pause):
+@pytest.mark.parametrize("pause, algo", [(0.0, "periodic"), (0.0, "diloco"), (2 * _TIMEOUT, "periodic")])
+def test_in_a_sharded_world_no_rank_takes_a_refused_round_for_a_good_one(pause, algo):
     # rank 0 refuses: its replica peer (rank 2) learns it from the round's check; the ranks
     # holding the other shards (1 and 3) ran their round, and their shard check meets the
     # next round of rank 0 and 2: they raise, naming both steps, instead of returning
     # half a replica averaged; if that next round comes later than the Reduce's timeout,
     # they raise PeerError within it
-    outcome = run_faulty_world(_sharded_refusal, 4, pause, deadline=120)
+    # (diloco's shard-wide verdict is its outer step's: the pseudo-gradient is averaged
+    # with nonfinite="ignore", its mean then judged over the shards)
+    outcome = run_faulty_world(_sharded_refusal, 4, pause, algo, deadline=120)
     assert all(code == 0 for code in outcome.exitcodes.values()), outcome
     r = outcome.results
     assert r[0]["error"] == "TypeError" and r[2]["error"] == "ReplicaMismatchError", r

@@ -213,19 +213,20 @@ def check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor],
             )
 
 
-def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def all_finite(tensors: Sequence[torch.Tensor], step: Optional[int] = None) -> torch.Tensor:
     """A 0-d bool tensor: every element of every tensor is finite.
 
     One read of each tensor, without a host read (the round engine's test,
     `avgfn._round.health.finite()`). DTensors (sharded params) are judged on
     every shard: the answer is a plain tensor, the same on every rank of
-    their mesh.
+    their mesh; ``step`` (the round's) travels with that verdict (see
+    `avgfn._round.sharded.everywhere`).
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     ok = _finite(list(tensors))
     if _sharded.any_dtensor(list(tensors)):
-        return _sharded.everywhere(ok, list(tensors))
+        return _sharded.everywhere(ok, list(tensors), step)
     return ok
 
 
@@ -354,12 +355,12 @@ def outer_apply(
     step applied to it), so all replicas raise or skip together.
     """
     averaged = tuple(a.to(device=g.device, dtype=g.dtype) for a, g in zip(averaged, globals_))
-    ok_mean = all_finite(averaged)
+    ok_mean = all_finite(averaged, step)
     if nonfinite == "raise":
         eager_check(ok_mean, lambda: _nonfinite_mean(who, step, names, local, averaged))
     stepped, new_state = outer.update(averaged, outer_state, globals_)
     stepped = tuple(stepped)
-    ok_step = all_finite(stepped)
+    ok_step = all_finite(stepped, step)
     if nonfinite == "raise":
         eager_check(
             ok_step,

@@ -85,7 +85,7 @@ def _slow_step(
         # fairscale: old.add_(gmb, alpha=-lr * slowmo_lr)
         new_globals.append(torch.add(x0, u, alpha=-lr_t * slow_lr))
         new_momentum.append(u)
-    ok = all_finite(new_globals + new_momentum)
+    ok = all_finite(new_globals + new_momentum, step)
     if nonfinite == "raise":
         eager_check(
             ok,

@@ -74,7 +74,7 @@ def _health_check(
     if traced(chosen_leaves[0]):  # under vmap or compile: a replica that is not finite keeps its average
         return count + ok.to(count.dtype), ok
     # DTensor leaves: each rank sees its shards; the verdict is the replica's, the same on every shard
-    ok = _sharded.everywhere(ok, chosen_leaves)
+    ok = _sharded.everywhere(ok, chosen_leaves, step)
     if bool(ok):
         return count + 1, None
     if nonfinite == "skip":

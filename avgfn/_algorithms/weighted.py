@@ -176,11 +176,11 @@ def _check_params_health(
         return tuple(
             torch.where(torch.isfinite(m).all(), m, x.detach().to(m.dtype)) for m, x in zip(means, local)
         )
-    if bool(all_finite(means)):
+    if bool(all_finite(means, step)):
         return means
     if nonfinite == "skip":
         return local
-    mine = [_tree.path_of(params, i) for i, x in zip(chosen, local) if not bool(all_finite([x]))]
+    mine = [_tree.path_of(params, i) for i, x in zip(chosen, local) if not bool(all_finite([x], step))]
     where = (
         f"this replica holds non-finite values at {', '.join(mine)}"
         if mine

@@ -126,6 +126,10 @@ def layouts(leaves: list[Any]) -> Optional[tuple[str, ...]]:
     return tuple(layout(t) for t in leaves)
 
 
+def _step_name(tag: int) -> str:
+    return "no step" if tag == -1 else f"step {tag}"
+
+
 def everywhere(
     flag: torch.Tensor, leaves: list[Any], step: Optional[int] = None, timeout: Optional[float] = None
 ) -> torch.Tensor:
@@ -173,10 +177,12 @@ def everywhere(
             work.wait() if timeout is None else work.wait(datetime.timedelta(seconds=timeout))
         except RuntimeError as error:
             raise PeerError(
-                f"the ranks that hold the other shards of this replica (mesh dimension {dim}) did not "
-                f"answer within {time.monotonic() - started:.2f}s: one of them died, stalled, or left "
+                f"the ranks that hold the other shards of this replica (mesh dimension {dim}) failed "
+                f"to answer after {time.monotonic() - started:.2f}s: one of them died, stalled, or left "
                 "the round (it refused its inputs, or failed); the params passed to update are "
-                f"unchanged (unless donated). Cause: {error}",
+                "unchanged (unless donated), but the replica's ranks are no longer in step: restore "
+                "params and state from a checkpoint on every rank of the replica, and rebuild its "
+                f"process groups. Cause: {error}",
                 group=f"mesh dimension {dim}",
                 timeout=timeout,
             ) from error
@@ -184,8 +190,8 @@ def everywhere(
         low, high = int(value[1]), -int(value[2])
         if low != high:
             raise ReplicaMismatchError(
-                f"the ranks that hold the shards of this replica are at different rounds (step "
-                f"{low} and step {high}): one of them refused its inputs or failed in an earlier "
+                f"the ranks that hold the shards of this replica are at different rounds "
+                f"({_step_name(low)} and {_step_name(high)}): one of them refused its inputs or failed in an earlier "
                 "round, and the replica's shards no longer match; the params passed to update "
                 "are unchanged (unless donated): restore params and state from a checkpoint on "
                 "every rank of the replica"

@@ -429,17 +429,9 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
         if other == first:
             continue
         mine, theirs = dict(first), dict(other)
-        for who, entries_of in ((ranks[0], mine), (rank, theirs)):
-            if "<refused>" in entries_of:  # first: it says why, whatever else differs
-                steps = ""
-                known = {mine.get("<step>"), theirs.get("<step>")}.isdisjoint({None, "none"})
-                if known and mine.get("<step>") != theirs.get("<step>"):  # (a check at init has none)
-                    steps = (
-                        f", at step {entries_of.get('<step>')} of its schedule, where rank "
-                        f"{rank if who == ranks[0] else ranks[0]} averages at step "
-                        f"{(theirs if who == ranks[0] else mine).get('<step>')} (their schedules may be out of step)"
-                    )
-                return f"rank {who} refused the round ({entries_of['<refused>']}){steps}"
+        for who, held, peer, peers in ((ranks[0], mine, rank, theirs), (rank, theirs, ranks[0], mine)):
+            if "<refused>" in held:  # first: it says why, whatever else differs
+                return f"rank {who} refused the round ({held['<refused>']})" + _steps_apart(held, peer, peers)
         if mine.get("<step>") != theirs.get("<step>"):
             return (
                 f"rank {ranks[0]} averages at step {mine.get('<step>')}, rank {rank} at step "
@@ -457,6 +449,17 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
             return f"rank {ranks[0]} and rank {rank} start from different values"
         return f"rank {ranks[0]} and rank {rank} hold the same leaves in a different order"
     return "their signatures differ"
+
+
+def _steps_apart(held: dict[str, str], peer: int, peers: dict[str, str]) -> str:
+    """``, at step a ... where rank p averages at step b`` when both checks have a step and they differ."""
+    mine, theirs = held.get("<step>"), peers.get("<step>")
+    if mine == theirs or None in (mine, theirs) or "none" in (mine, theirs):  # (a check at init has none)
+        return ""
+    return (
+        f", at step {mine} of its schedule, where rank {peer} averages at step {theirs} "
+        "(their schedules may be out of step)"
+    )
 
 
 _SPECIAL = ("<values>", "<step>", "<round>", "<refused>")

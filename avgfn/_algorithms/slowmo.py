@@ -75,8 +75,12 @@ def _lr_value(lr: LearningRate, step: int) -> float:
 def _slow_step(
     state: SlowMoState, averaged: Any, lr_t: float, beta: float, slow_lr: float,
     nonfinite: str, names: Any, local: list[Any], step: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:  # fmt: skip
-    """fairscale's slow momentum step on the averaged params; ``ok`` False when not finite."""
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:  # fmt: skip
+    """fairscale's slow momentum step on the averaged params: ``(globals, momentum, ok)``.
+
+    ``ok`` is False when the step is not finite; then the globals and the
+    momentum returned are the state's own.
+    """
     new_globals, new_momentum = [], []
     for x0, u, x in zip(state.global_params, state.momentum, averaged):
         x = x.to(device=x0.device, dtype=x0.dtype)
@@ -95,7 +99,9 @@ def _slow_step(
                 paths=tuple(n for n, x in zip(names(), local) if not bool(torch.isfinite(x).all())),
             ).at_step(step),
         )
-    return new_globals, new_momentum, ok
+    globals_ = tuple(torch.where(ok, n, o) for n, o in zip(new_globals, state.global_params))
+    momentum_ = tuple(torch.where(ok, n, o) for n, o in zip(new_momentum, state.momentum))
+    return globals_, momentum_, ok
 
 
 def slowmo(
@@ -229,11 +235,7 @@ def slowmo(
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):
             averaged, _ = reduce_round(local, reduce, rnd, step=step, names=names, policy=slow_policy)
-        new_globals, new_momentum, ok = _slow_step(
-            state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step
-        )
-        globals_ = tuple(torch.where(ok, n, o) for n, o in zip(new_globals, state.global_params))
-        momentum_ = tuple(torch.where(ok, n, o) for n, o in zip(new_momentum, state.momentum))
+        globals_, momentum_, ok = _slow_step(state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step)
         new_params = write_back(leaves, spec, chosen, globals_)
         skipped = state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype)
         return new_params, SlowMoState(rounds + _SLOW_BUMP.to(rounds.device), skipped, globals_, momentum_)

@@ -320,7 +320,7 @@ def weighted(
             check_update(params, state, WeightedState, "weighted")
             leaves, spec, chosen = selected(params, where)
             w = _weight_value(weight, params, step, state.rounds.device) if chosen else None
-        if not chosen or w is None:
+        if w is None:  # nothing selected
             if rnd.agree:  # the peers must learn that this replica averages nothing
                 start_round([], reduce, step, lambda: [], None, _wire(rnd)).wait()
             return params, state.replace(rounds=state.rounds + 1)

@@ -202,6 +202,77 @@ def test_a_nan_at_a_predicted_round_raises_everywhere_naming_the_leaf():
         assert got["unchanged"] and got["after"], (rank, got)
 
 
+def _vouched(rank: int, world: int) -> dict[str, Any]:
+    from avgfn._round import health
+
+    reads: list[int] = []
+    original = health.Watch.add
+
+    def counting(self: Any, buffer: torch.Tensor) -> None:
+        reads.append(buffer.numel())
+        original(self, buffer)
+
+    health.Watch.add = counting  # type: ignore[method-assign]
+    big = torch.finfo(torch.float32).max
+    found: dict[str, Any] = {}
+    for policy in ("raise", "skip"):
+        avg = avgfn.periodic(1, reduce=collectives.all_reduce_mean(timeout=60), round=avgfn.Round(nonfinite=policy))
+        params = _params(rank)
+        state = avg.init(params)
+        for step in range(4):  # learn the layout
+            avg.update(params, state, step)
+        cases = {
+            "finite": {},
+            # the largest finite value on both replicas: its halves sum to it, no overflow
+            "largest": {"w": (0, big), "b": (1, -big)},
+            "nan on rank 1": {"b": (1, float("nan"))} if rank == 1 else {},
+            "inf and -inf": {"s": ((), float("inf") if rank == 0 else float("-inf"))},
+            "inf on rank 0, nan on rank 1": {"s": ((), float("inf"))} if rank == 0 else {"w": (2, float("nan"))},
+        }
+        for name, changes in cases.items():
+            sent = {k: v.clone() for k, v in params.items()}
+            for key, (index, value) in changes.items():
+                sent[key][index] = value
+            del reads[:]
+            before = {k: v.clone() for k, v in sent.items()}
+            try:
+                (out, _), calls = _counted(lambda: avg.update(sent, state, 4))
+                got = {"error": None, "calls": calls, "out": out}
+            except avgfn.AveragingError as exc:
+                got = {"error": type(exc).__name__, "message": str(exc)}
+            got["unchanged"] = all(torch.equal(sent[k].view(torch.int32), before[k].view(torch.int32)) for k in sent)
+            got["mean read"] = bool(reads)
+            found[(policy, name)] = got
+        out, _ = avg.update(params, state, 5)
+        found[(policy, "after")] = all(torch.equal(out[k], _torch_mean(params)[k]) for k in params)
+    health.Watch.add = original  # type: ignore[method-assign]
+    return found
+
+
+def test_a_predicted_round_reads_its_values_as_it_divides_them_and_its_mean_only_when_a_replica_is_not_finite():
+    for rank, got in enumerate(run_world(_vouched, 2, timeout=240)):
+        for policy in ("raise", "skip"):
+            finite = got[(policy, "finite")]
+            assert finite["error"] is None and finite["calls"] == [124 + _predicted.CHECK], (rank, finite)
+            assert not finite["mean read"], (rank, finite)  # both shares vouched finite: the mean is not read
+            largest = got[(policy, "largest")]
+            assert largest["error"] is None and not largest["mean read"], (rank, largest)
+            big = torch.finfo(torch.float32).max
+            assert largest["out"]["w"][0].eq(big).all() and largest["out"]["b"][1].eq(-big).all(), (rank, largest)
+            for name in ("nan on rank 1", "inf and -inf", "inf on rank 0, nan on rank 1"):
+                case = got[(policy, name)]
+                assert case["unchanged"] and case["mean read"], (rank, name, case)
+                if policy == "raise":
+                    assert case["error"] == "NonFiniteError", (rank, name, case)
+                else:
+                    assert case["error"] is None and all(case["out"][k] is not None for k in case["out"]), case
+                    assert case["calls"] == [124 + _predicted.CHECK], (rank, name, case)
+            assert "['b']" in got[("raise", "nan on rank 1")]["message"], (rank, got)
+            assert got[(policy, "after")], (rank, policy)
+        skipped = got[("skip", "nan on rank 1")]["out"]
+        assert all(torch.equal(skipped[k], v) for k, v in _params(rank).items() if k != "b"), (rank, skipped)
+
+
 def test_the_history_predicts_a_layout_seen_twice_in_a_row():
     history = _predicted.History()
     cpu = torch.device("cpu")
@@ -231,19 +302,30 @@ def test_the_check_passes_only_when_both_replicas_sent_the_same_digest():
     cpu = torch.device("cpu")
     digest = bytes([0, 1, 17, 200, 255, 3, 9, 128])
     mine = _predicted.block(digest, torch.float32, cpu)
-    assert _predicted.passed(mine + mine, digest)
+    assert _predicted.passed(mine + mine, digest) == (True, False)
     other = bytes([0, 1, 17, 200, 255, 3, 9, 127])
     theirs = _predicted.block(other, torch.float32, cpu)
-    assert not _predicted.passed(mine + theirs, digest) and not _predicted.passed(mine + theirs, other)
+    assert not _predicted.passed(mine + theirs, digest)[0] and not _predicted.passed(mine + theirs, other)[0]
     # bytes off by +1 and -1 have the same sum; their squares tell them apart
     up, down, middle = bytes([5] * 8), bytes([3] * 8), bytes([4] * 8)
     pair = _predicted.block(up, torch.float32, cpu) + _predicted.block(down, torch.float32, cpu)
-    assert not _predicted.passed(pair, middle)
+    assert not _predicted.passed(pair, middle)[0]
     declined = torch.zeros(_predicted.CHECK)
-    declined[-1] = 1
-    assert not _predicted.passed(mine + declined, digest)
+    declined[_predicted.MARKER] = 1
+    assert not _predicted.passed(mine + declined, digest)[0]
     top = bytes([255] * 8)
-    assert _predicted.passed(_predicted.block(top, torch.float32, cpu) * 2, top)
+    assert _predicted.passed(_predicted.block(top, torch.float32, cpu) * 2, top) == (True, False)
+
+
+def test_the_mean_goes_unread_only_when_both_replicas_vouch_for_their_shares():
+    cpu = torch.device("cpu")
+    digest = bytes(range(8))
+    vouching = _predicted.block(digest, torch.float64, cpu)
+    vouching[_predicted.VOUCH] = 1
+    silent = _predicted.block(digest, torch.float64, cpu)
+    assert _predicted.passed(vouching + vouching, digest) == (True, True)
+    assert _predicted.passed(vouching + silent, digest) == (True, False)  # one replica read nothing
+    assert _predicted.passed(silent + silent, digest) == (True, False)
 
 
 class _Watched(avgfn.ForwardingReduce):

@@ -55,6 +55,9 @@ _NBYTES = operator.attrgetter("nbytes")
 _chunk_cat: Optional[Callable[..., Any]] = getattr(torch, "_chunk_cat", None)
 """Flattens and concatenates tensors into one buffer in one call (absent from older torch)."""
 
+_check_and_scale: Optional[Callable[..., Any]] = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+"""Multiplies tensors in place by a scale and flags a non-finite value in the same pass."""
+
 # A bucket is a list of pieces (leaf index, first element, end element).
 Piece = tuple[int, int, int]
 
@@ -265,11 +268,17 @@ class Buffers:
             self.pool[slot] = POOL.take(n, self.wire_dtype, self.device)
         return self.pool[slot][:n]
 
-    def pack(self, bucket: list[Piece], slot: int, extra: int = 0) -> tuple[torch.Tensor, bool]:
+    def pack(
+        self, bucket: list[Piece], slot: int, extra: int = 0, found: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, bool]:
         """The bucket's buffer, and whether it is the donated storage itself.
 
         ``extra``: elements left free after the data (a staged buffer only;
-        the buffer returned holds them).
+        the buffer returned holds them). ``found``: a one-element float32
+        tensor of 0; where the packing divides one whole buffer, it reads the
+        values as it divides them and ``found`` becomes 1 if one is not
+        finite. Otherwise ``found`` is left as it is and the call returns
+        without having read them (`vouches()` says which it will be).
         """
         if self.donate and not self.feedback:
             whole = self.tiled is not None and len(bucket) == len(self.flats)
@@ -288,7 +297,7 @@ class Buffers:
             # Many small leaves: one cat and one division cost fewer calls than
             # a division per leaf (the same bits: cat, then divide, is torch's).
             self.concatenate(bucket, buf)
-            self.divide_(buf)
+            self.divide_(buf, found)
             return full, False
         o = 0
         for i, lo, hi in bucket:
@@ -347,12 +356,35 @@ class Buffers:
         else:
             torch.div(src, self.by, out=dst)
 
-    def divide_(self, buf: torch.Tensor) -> None:
-        """``buf /= divisor``, in place (see `divide()`)."""
+    def divide_(self, buf: torch.Tensor, found: Optional[torch.Tensor] = None) -> None:
+        """``buf /= divisor``, in place (see `divide()`).
+
+        With ``found`` (and a power-of-two divisor on a real dtype), the one
+        pass that divides also reads: torch's fused unscale of gradient
+        scaling multiplies by the reciprocal and sets ``found`` to 1 where a
+        value is not finite (the product's bits are those of ``mul_``).
+        """
         if self.scale is not None and buf.is_floating_point():
-            buf.mul_(self.scale)
+            if found is not None and _check_and_scale is not None:
+                _check_and_scale([buf], found, torch.full((1,), self.scale, device=buf.device))
+            else:
+                buf.mul_(self.scale)
         else:
             buf.div_(self.by)
+
+    def vouches(self, bucket: list[Piece]) -> bool:
+        """Whether `pack()` of ``bucket`` reads its values as it divides them (see ``found`` there)."""
+        return (
+            _check_and_scale is not None
+            and self.fused
+            and self.scale is not None
+            and not self.donate
+            and self.residuals is None
+            and self.wire_dtype == self.dtype
+            and self.dtype in (torch.float32, torch.float64)
+            and self.facts.count < _SMALL * len(bucket)
+            and not traced(self.leaves[0])
+        )
 
     def sources(self, bucket: list[Piece]) -> list[torch.Tensor]:
         """The flat pieces a bucket packs (whole leaves are not sliced)."""
@@ -447,17 +479,29 @@ class Buffers:
         bucket = plan_buckets(self.facts.numels, None)[0]
         n = self.facts.count
         with torch.no_grad():
-            full, _ = self.pack(bucket, 0, _predicted.CHECK)
+            found = None
+            if self.watch is not None and self.vouches(bucket):
+                found = torch.zeros(1, dtype=torch.float32, device=self.device)
+            full, _ = self.pack(bucket, 0, _predicted.CHECK, found)
             full[n:] = _predicted.block(predicted.digest, full.dtype, full.device)
+            if found is not None:  # 1 when every share read finite
+                full[n + _predicted.VOUCH :] = 1 - found
             try:
                 summed = check_reduced(_types.settle(self.start(full).wait()), full)
             except BaseException:
                 predicted.history.forget()
                 raise
-            if not _predicted.passed(summed[n:], predicted.digest):
+            ok, vouched = _predicted.passed(summed[n:], predicted.digest)
+            if not ok:
                 return None
             predicted.done()
-            self.finish(bucket, full[:n], False, _types.Done(summed[:n]))
+            watch = self.watch
+            if vouched:  # both replicas' shares are finite: so is their sum (see `passed()`)
+                self.watch = None
+            try:
+                self.finish(bucket, full[:n], False, _types.Done(summed[:n]))
+            finally:
+                self.watch = watch
             return self.results()
 
     def results(self) -> list[torch.Tensor]:

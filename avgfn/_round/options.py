@@ -72,7 +72,7 @@ class Round:
         they average the same leaves (paths, shapes, dtypes of the selection)
         at the same step: one extra collective of four int64 per round
         through a group-backed Reduce (in a group of two, once its rounds
-        repeat, 17 numbers appended to the data collective instead; see
+        repeat, 18 numbers appended to the data collective instead; see
         ``docs/round.md``). ``False`` turns it off.
 
     Examples:

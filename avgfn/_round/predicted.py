@@ -17,8 +17,10 @@ round every replica starts one collective of the predicted size plus
 
 * a replica whose round has that layout sends its data followed by the
   check: each of the 8 bytes of the round's digest (``0..255``) and its
-  square, and a marker 0 (also when its digest differs: another step, or
-  another selection of the same size);
+  square, a marker 0 (also when its digest differs: another step, or
+  another selection of the same size), and a vouch: 1 when it read its own
+  shares as finite as it divided them (then neither replica reads the mean
+  again, see `passed()`), else 0;
 * a replica whose round has another layout (another size, a round of
   another kind, a local refusal, nothing to average) sends zeros with the
   marker 1, then runs its round with its agreement first.
@@ -72,8 +74,14 @@ Layout = tuple[int, torch.dtype, torch.device]
 LIMIT = 1 << 23
 """The largest round (elements) whose agreement travels in its data."""
 
-CHECK = 17
-"""Elements appended to the data: 8 digest bytes, their squares, the marker."""
+CHECK = 18
+"""Elements appended to the data: 8 digest bytes, their squares, the marker, the health vouch."""
+
+MARKER = 16
+"""The check's element that a replica which declines the predicted round sets to 1."""
+
+VOUCH = 17
+"""The check's last element: 1 from a replica that vouches its shares finite (see `passed()`)."""
 
 _OTHER = "other"
 """The layout of a round whose agreement comes first."""
@@ -183,16 +191,29 @@ def layout(facts: _facts.Facts, reduce: Reduce) -> Optional[Layout]:
 
 
 def block(digest: bytes, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """This replica's check elements (written after the data's division: they are summed as they are)."""
+    """This replica's check elements (written after the data's division: they are summed as they are).
+
+    The vouch (the last element) is 0 here; a replica that read its shares
+    as finite while it divided them writes 1 there (`avgfn._round.buffers`).
+    """
     values = list(digest[:8])
-    return torch.tensor(values + [v * v for v in values] + [0], dtype=dtype, device=device)
+    return torch.tensor(values + [v * v for v in values] + [0, 0], dtype=dtype, device=device)
 
 
-def passed(summed: torch.Tensor, digest: bytes) -> bool:
-    """Whether both replicas sent ``digest`` and neither the marker (``summed``: the check's sums)."""
+def passed(summed: torch.Tensor, digest: bytes) -> tuple[bool, bool]:
+    """Whether both replicas sent ``digest`` and neither the marker; and whether both vouched.
+
+    ``summed``: the check's sums. Both replicas vouch (the vouch's sum is 2)
+    only when each read its own shares as finite: the sum of two halves of
+    finite values cannot overflow (its exact value is at most the dtype's
+    largest), so the mean is finite without a read of its own. A replica
+    that vouches nothing (non-finite values, or a round that does not read
+    them) sends 0, and the mean is then read as before.
+    """
     sums = summed.tolist()
     values = list(digest[:8])
-    return sums[-1] == 0 and sums[:8] == [2 * v for v in values] and sums[8:16] == [2 * v * v for v in values]
+    ok = sums[MARKER] == 0 and sums[:8] == [2 * v for v in values] and sums[8:16] == [2 * v * v for v in values]
+    return ok, sums[VOUCH] == 2
 
 
 class Predicted:
@@ -233,7 +254,7 @@ def decline(reduce: Reduce, history: History, predicted: Layout) -> None:
     """
     count, dtype, device = predicted
     zeros = torch.zeros(count + CHECK, dtype=dtype, device=device)
-    zeros[-1] = 1
+    zeros[count + MARKER] = 1
     try:
         _types.settle(_types.start_sum(reduce, zeros).wait())
     except BaseException:

@@ -371,12 +371,10 @@ class GroupMean:
             else "averaging them would fail or mix unrelated numbers, so nothing was averaged; "
             "Round(verify=None) skips this check at init, Round(agree=False) the one at each round"
         )
-        error = ReplicaMismatchError(
-            f"the replicas of {self.describe()} hold params that differ: "
-            + _first_difference(gathered, ranks)
-            + f" ({advice})"
-        )
+        differs, what = _difference(gathered, ranks)
+        error = ReplicaMismatchError(f"the replicas of {self.describe()} hold params that differ: {what} ({advice})")
         error.refused_by = refused_by
+        error.differs = differs
         return error
 
     def _collective(self, begin: Any) -> None:
@@ -423,7 +421,15 @@ class GroupMean:
 
 
 def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) -> str:
-    """Name the first leaf in which a rank's entries differ from the first rank's."""
+    """What differs between the first two replicas whose entries differ, in words."""
+    return _difference(entries, ranks)[1]
+
+
+def _difference(entries: list[list[tuple[str, str]]], ranks: list[int]) -> tuple[str, str]:
+    """What differs first between the first rank's entries and another's: its kind and its words.
+
+    The kind is one of `avgfn.ReplicaMismatchError.differs`'s.
+    """
     first = entries[0]
     for rank, other in zip(ranks[1:], entries[1:]):
         if other == first:
@@ -431,24 +437,34 @@ def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) ->
         mine, theirs = dict(first), dict(other)
         for who, held, peer, peers in ((ranks[0], mine, rank, theirs), (rank, theirs, ranks[0], mine)):
             if "<refused>" in held:  # first: it says why, whatever else differs
-                return f"rank {who} refused the round ({held['<refused>']})" + _steps_apart(held, peer, peers)
+                return "refused", f"rank {who} refused the round ({held['<refused>']})" + _steps_apart(held, peer, peers)
         if mine.get("<step>") != theirs.get("<step>"):
-            return (
-                f"rank {ranks[0]} averages at step {mine.get('<step>')}, rank {rank} at step "
-                f"{theirs.get('<step>')} (their schedules are out of step)"
+            return "step", (
+                f"rank {ranks[0]} averages {_at(mine.get('<step>'))}, rank {rank} {_at(theirs.get('<step>'))} "
+                "(their schedules are out of step)"
             )
         leaves = _leaf_difference(first, other, ranks[0], rank)
         if leaves is not None:  # before the options: a replica's leaves also decide its devices
-            return leaves
+            return "leaves", leaves
         if mine.get("<round>") != theirs.get("<round>"):
-            return (
+            return "round", (
                 f"rank {ranks[0]} runs its rounds as {mine.get('<round>')}, rank {rank} as "
-                f"{theirs.get('<round>')} (build every replica with the same averager and the same Round)"
+                f"{theirs.get('<round>')} (build every replica with the same averager and the same Round, and "
+                "pass each the state its last update returned)"
             )
         if mine.get("<values>") != theirs.get("<values>"):
-            return f"rank {ranks[0]} and rank {rank} start from different values"
-        return f"rank {ranks[0]} and rank {rank} hold the same leaves in a different order"
-    return "their signatures differ"
+            return "values", f"rank {ranks[0]} and rank {rank} start from different values"
+        return "order", f"rank {ranks[0]} and rank {rank} hold the same leaves in a different order"
+    return "", "their signatures differ"
+
+
+def _at(step: Optional[str]) -> str:
+    """Where a check stands in its replica's schedule, from its ``<step>`` entry."""
+    if step is None:  # a check of the structure or values, outside any round
+        return "in a check of its params outside any round (at init, or before an outer step's first round)"
+    if step == "none":
+        return "in a round without a step (avgfn.average, or a check at init)"
+    return f"at step {step}"
 
 
 def _steps_apart(held: dict[str, str], peer: int, peers: dict[str, str]) -> str:

@@ -206,6 +206,7 @@ class QuorumMean:
                 "error says what it refused); nothing was averaged: fix that replica's inputs"
             )
             error.refused_by = (who,)
+            error.differs = "refused"
         else:
             error = ReplicaMismatchError(
                 f"the participants of the torchft quorum ({self.size}) do not average the same "

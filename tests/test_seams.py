@@ -468,7 +468,8 @@ def test_each_round_agrees_once_through_the_reduce_with_its_step():
     assert entries[0] == ("<step>", "4")
     assert entries[1] == (
         "<round>",
-        "averages=params, comm_dtype=None, bucket_bytes=None, health flag=False, devices=1, donate=False, in flight=False",
+        "averages=params of periodic, comm_dtype=None, bucket_bytes=None, health flag=False, devices=1, donate=False, "
+        "in flight=False",
     )
     assert [path for path, _ in entries[2:]] == ["['a']", "['b']"]
     reduce.calls.clear()
@@ -648,3 +649,25 @@ def test_a_refusal_at_another_step_names_both_steps():
     # a check without a step (init's, an outer step's first-round check of its global copy)
     for check in ([("<values>", "v"), ("['a']", "(3,) torch.float32")], [("<step>", "none"), *plain[1:]]):
         assert _first_difference([check, refused], [0, 1]) == "rank 1 refused the round (TypeError: bad)"
+
+
+def test_a_mismatch_says_what_kind_of_difference_it_found():
+    # ReplicaMismatchError.differs: what the message names, for a caller to act on
+    from avgfn.collectives import _difference
+
+    leaf = ("['a']", "(3,) torch.float32")
+    base = [("<step>", "2"), ("<round>", "r"), leaf]
+    cases = {
+        "refused": [("<step>", "2"), ("<round>", "r"), ("<refused>", "TypeError: bad")],
+        "step": [("<step>", "3"), ("<round>", "r"), leaf],
+        "leaves": [("<step>", "2"), ("<round>", "r"), ("['a']", "(4,) torch.float32")],
+        "round": [("<step>", "2"), ("<round>", "other averager"), leaf],
+        "values": [("<step>", "2"), ("<round>", "r"), leaf, ("<values>", "v")],
+    }
+    for kind, other in cases.items():
+        assert _difference([base, other], [0, 1])[0] == kind, (kind, _difference([base, other], [0, 1]))
+    # a check outside any round and a round without a step are told apart from a step
+    outside = [("<values>", "v"), leaf]
+    assert "rank 1 in a check of its params outside any round" in _difference([base, outside], [0, 1])[1]
+    no_step = [("<step>", "none"), ("<round>", "r"), leaf]
+    assert "rank 1 in a round without a step (avgfn.average" in _difference([base, no_step], [0, 1])[1]

@@ -20,13 +20,14 @@ SEL_DIFF = "rank 0 has ['a']"
 
 def _outcome(fn: Callable[[], Any], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
     before = {k: v.detach().clone() for k, v in inputs.items()}
+    differs = None
     try:
         fn()
         error, message = None, ""
     except Exception as e:  # noqa: BLE001 - the test compares the type by name
-        error, message = type(e).__name__, str(e)
+        error, message, differs = type(e).__name__, str(e), getattr(e, "differs", None)
     unchanged = all(torch.equal(before[k], inputs[k]) for k in inputs)
-    return {"error": error, "message": message, "unchanged": unchanged}
+    return {"error": error, "message": message, "unchanged": unchanged, "differs": differs}
 
 
 def _torch_filter(rank: int, reduce: Any) -> dict[str, Any]:
@@ -120,20 +121,50 @@ def _narrow_band(rank: int, reduce: Any, kind: str, peer: float) -> dict[str, An
     return result
 
 
-def _other_kind(rank: int, reduce: Any, weighted: bool) -> dict[str, Any]:
-    # the same leaves, step and Round: rank 0 averages its params, rank 1 a pseudo-gradient
+def _kind(name: str, reduce: Any, rnd: Any, warmup: int) -> Any:
+    if name == "periodic":
+        return avgfn.periodic(2, reduce=reduce, warmup_steps=warmup, round=rnd)
+    if name == "hierarchical":  # due where step % 2 == 0, as periodic without warm-up
+        return avgfn.hierarchical([(2, reduce)], round=rnd)
+    if name == "weighted":
+        return avgfn.weighted(2, reduce=reduce, weight=1.0, warmup_steps=1, round=rnd)
+    if name == "fedavgm":
+        return avgfn.fedavgm(2, reduce=reduce, weight=1.0, round=rnd)
+    if name == "overlapped_diloco":
+        return avgfn.overlapped_diloco(2, reduce=reduce, eager=False, round=rnd)
+    return avgfn.diloco(2, reduce=reduce, round=rnd)
+
+
+def _other_kind(rank: int, reduce: Any, kinds: tuple[str, str]) -> dict[str, Any]:
+    # the same leaves, step and Round, but rank 0 runs one averager and rank 1 another
+    # (params against pseudo-gradients, or the same numbers averaged by another algorithm)
     params = {"w": torch.full((4,), float(rank))}
     rnd = avgfn.Round(verify=None)  # no check at init, nor at diloco's first round
-    if weighted:
-        avg = (
-            avgfn.weighted(2, reduce=reduce, weight=1.0, warmup_steps=1, round=rnd)
-            if rank == 0
-            else avgfn.fedavgm(2, reduce=reduce, weight=1.0, round=rnd)
-        )
-    else:
-        avg = avgfn.periodic(2, reduce=reduce, warmup_steps=1, round=rnd) if rank == 0 else avgfn.diloco(2, reduce=reduce, round=rnd)
+    # a step where both are due: 2 for periodic without warm-up and hierarchical, else 1
+    step = 2 if "hierarchical" in kinds else 1
+    avg = _kind(kinds[rank], reduce, rnd, step % 2)
     state = avg.init({"w": torch.zeros(4)})
-    return _outcome(lambda: avg.update(params, state, 1), params)
+    return _outcome(lambda: avg.update(params, state, step), params)
+
+
+def _streaming_carried_on(rank: int, reduce: Any, failed: int) -> dict[str, Any]:
+    # delay=1: each odd step applies a fragment's average (started the step before) and
+    # talks to no peer. Rank 1 fails at step ``failed`` alone and carries on with the
+    # state it had: its global copy lacks that outer step. Its next round must not mix
+    # the two global copies.
+    avg = avgfn.streaming_diloco(4, reduce=reduce, num_fragments=2, delay=1)
+    params = {"a": torch.full((6,), 1.0), "b": torch.full((2, 3), 1.0)}
+    state = avg.init(params)
+    moved = params
+    for step in range(failed + 1):
+        moved = {k: v - 0.5 * (rank + 1) for k, v in moved.items()}
+        before = state
+        try:
+            sent = (v for v in moved.values()) if rank == 1 and step == failed else dict(moved)
+            moved, state = avg.update(sent, state, step)
+        except TypeError:
+            state = before  # rank 1 carries on without that step's result
+    return _outcome(lambda: avg.update(dict(moved), state, failed + 1), moved)
 
 
 def _other_round(rank: int, reduce: Any, option: dict[str, Any]) -> dict[str, Any]:
@@ -179,8 +210,12 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
         "round/comm_dtype": _other_round(rank, reduce, {"comm_dtype": torch.bfloat16}),
         "round/buckets": _other_round(rank, reduce, {"bucket_bytes": 16}),
         "round/exclude": _other_round(rank, reduce, {"nonfinite": "exclude"}),
-        "kind": _other_kind(rank, reduce, False),
-        "kind/weighted": _other_kind(rank, reduce, True),
+        "kind": _other_kind(rank, reduce, ("periodic", "diloco")),
+        "kind/weighted": _other_kind(rank, reduce, ("weighted", "fedavgm")),
+        "kind/hierarchical": _other_kind(rank, reduce, ("periodic", "hierarchical")),
+        "kind/overlapped": _other_kind(rank, reduce, ("diloco", "overlapped_diloco")),
+        "streaming_carried_on/1": _streaming_carried_on(rank, reduce, 1),
+        "streaming_carried_on/5": _streaming_carried_on(rank, reduce, 5),
         "refusal": _local_refusal(rank, reduce),
         "diloco_refusal": _diloco_refusal(rank, reduce),
     }
@@ -271,6 +306,41 @@ def test_a_replica_that_averages_params_where_its_peer_averages_pseudo_gradients
             r = world[rank][kind]
             assert r["error"] == "ReplicaMismatchError" and r["unchanged"], r
             assert "averages=params" in r["message"] and "averages=pseudo-gradients" in r["message"], r
+
+
+@pytest.mark.parametrize(
+    "kind, names",
+    [
+        ("kind/hierarchical", ("periodic", "hierarchical")),
+        ("kind/overlapped", ("diloco", "overlapped_diloco")),
+    ],
+)
+def test_replicas_that_run_averagers_of_another_kind_on_the_same_numbers_are_named(world, kind, names):
+    # the same leaves, step, Round and numbers (params, or pseudo-gradients), but another
+    # algorithm on each rank: their results would drift apart silently
+    for rank in (0, 1):
+        r = world[rank][kind]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)
+        assert all(f" of {name}," in r["message"] for name in names), (rank, r["message"])
+        assert r["differs"] == "round", (rank, r)
+
+
+def test_a_streaming_replica_that_carried_on_from_a_step_it_failed_alone_is_refused(world):
+    # rank 1's global copy lacks fragment 0's outer step of step 5: fragment 1's round at
+    # step 6 is refused on both ranks instead of averaging two global copies that differ
+    for rank in (0, 1):
+        r = world[rank]["streaming_carried_on/5"]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)
+        assert "outer rounds done [2, 1]" in r["message"] and "outer rounds done [1, 1]" in r["message"], r
+        assert r["differs"] == "round", (rank, r)
+    # at step 1, before any outer step: rank 1 still checks the global copies of the first
+    # round, which rank 0 is past; neither says that init was given different params
+    for rank in (0, 1):
+        r = world[rank]["streaming_carried_on/1"]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)
+        assert "init was given" not in r["message"] and "out of step" in r["message"], (rank, r)
+        assert "in a check of its params outside any round" in r["message"], (rank, r)
+        assert r["differs"] == "step", (rank, r)
 
 
 def test_the_group_still_works_after_every_refusal(world):

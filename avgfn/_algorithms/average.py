@@ -76,4 +76,4 @@ def average(
         _select.check_where(where)
         check_params(params, "average")
         check_has_tensor(_tree.tree_leaves(params), "average")
-    return average_tree(params, reduce, where, rnd)[0]
+    return average_tree(params, reduce, where, rnd, what="params of average")[0]

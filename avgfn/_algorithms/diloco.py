@@ -101,7 +101,7 @@ def diloco(
     device = check_global_device(global_device)
     outer, rnd = outer_options("diloco", outer_optimizer, where, round, deprecated)
     return outer_averager(
-        "diloco", period, reduce=reduce, outer=outer, mean=plain_mean(reduce, rnd),
+        "diloco", period, reduce=reduce, outer=outer, mean=plain_mean(reduce, rnd, "diloco"),
         where=where, nonfinite=rnd.nonfinite, verify=rnd.verify, global_device=device, agree=rnd.agree,
     )  # fmt: skip
 

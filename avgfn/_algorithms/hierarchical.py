@@ -92,7 +92,7 @@ def hierarchical(
         check_reduce(f"the reduce of the level with period {period}", reduce)
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
     rnd = round_options("hierarchical", round, deprecated, nonfinite=NONFINITE)
-    averaging = Averaging(where, rnd)
+    averaging = Averaging(where, rnd, "hierarchical")
     top_reduce = pairs[-1][1]
     # Largest period first: the first that divides ``step`` is the one to use.
     by_largest = [(i, period, reduce) for i, (period, reduce) in reversed(list(enumerate(pairs)))]

@@ -130,7 +130,7 @@ def verify_first_round(
     try:
         verify_replicas(view, reduce, "values")
     except ReplicaMismatchError as error:
-        if error.refused_by:  # a peer refused its own inputs: its error says what to fix
+        if error.differs not in ("values", ""):  # a refusal, or a peer in another round: the error says it
             raise
         raise ReplicaMismatchError(
             f"{who}: the replicas hold different global params at the first round (init was "
@@ -289,14 +289,19 @@ def mean_policy(nonfinite: str) -> str:
     return "exclude" if nonfinite == "exclude" else "ignore"
 
 
-def plain_mean(reduce: Reduce, rnd: Round) -> Mean:
-    """The unweighted group mean of a tuple of tensors, through the round engine."""
+def plain_mean(reduce: Reduce, rnd: Round, who: str) -> Mean:
+    """The unweighted group mean of a tuple of tensors, through the round engine.
+
+    ``who`` names the averager in the per-round check, so that replicas
+    built with averagers of another kind refuse their rounds.
+    """
     policy = mean_policy(rnd.nonfinite)
+    what = f"pseudo-gradients of {who}"
 
     def mean(tensors: tuple[torch.Tensor, ...], params: Params, step: int, names: Names) -> Any:
         del params
         averaged, _ = reduce_round(
-            list(tensors), reduce, rnd, step=step, names=names, key=None, policy=policy, what="pseudo-gradients"
+            list(tensors), reduce, rnd, step=step, names=names, key=None, policy=policy, what=what
         )
         return tuple(averaged), None
 

@@ -193,7 +193,7 @@ class _Overlapped:
     ) -> None:  # fmt: skip
         self.period, self.reduce, self.eager, self.replicas = period, reduce, eager, replicas
         self.outer, self.rnd, self.where, self.device = outer, rnd, where, device
-        self.mean = plain_mean(reduce, rnd)
+        self.mean = plain_mean(reduce, rnd, self.who)
 
     def averager(self) -> Averager:
         return Averager(init=self.init, update=self.update)

@@ -97,7 +97,7 @@ def periodic(
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
     check_reduce("reduce", reduce)
     rnd = round_options("periodic", round, deprecated, nonfinite=NONFINITE)
-    averaging = Averaging(where, rnd)
+    averaging = Averaging(where, rnd, "periodic")
     if period == 1:
         warnings.warn(PERIOD_ONE.format(what="period"), UserWarning, stacklevel=2)
 

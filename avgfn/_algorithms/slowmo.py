@@ -230,11 +230,13 @@ def slowmo(
         rounds = state.rounds
         if not slow:
             with at_step(step):
-                new_params, _ = average_tree(params, reduce, where, rnd, None, step)
+                new_params, _ = average_tree(params, reduce, where, rnd, None, step, "params of slowmo")
             return new_params, state.replace(rounds=rounds + _BASE_BUMP.to(rounds.device))
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):
-            averaged, _ = reduce_round(local, reduce, rnd, step=step, names=names, policy=slow_policy)
+            averaged, _ = reduce_round(
+                local, reduce, rnd, step=step, names=names, policy=slow_policy, what="params of slowmo's slow step"
+            )
         globals_, momentum_, ok = _slow_step(state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step)
         new_params = write_back(leaves, spec, chosen, globals_)
         skipped = state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype)

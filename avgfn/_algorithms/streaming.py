@@ -31,6 +31,7 @@ from avgfn._algorithms.outer import (
     to_local,
 )
 from avgfn._core.records import Record, record
+from avgfn._core.traced import traced
 from avgfn.optim._base import Optimizer
 
 __all__ = ["StreamingDiLoCoState", "streaming_diloco"]
@@ -249,7 +250,20 @@ class _Streaming:
         self.reduce, self.num_fragments, self.h, self.delay, self.alpha = reduce, num_fragments, h, delay, alpha
         self.outer, self.rnd, self.fragment_of, self.where = outer, rnd, fragment_of, where
         self.device = device
-        self.mean = plain_mean(reduce, rnd)
+
+    def mean(self, state: StreamingDiLoCoState, k: int) -> Any:
+        """The group mean of fragment ``k``'s pseudo-gradient, named with the group's progress.
+
+        The per-round check compares each fragment's count of outer rounds
+        done: a replica that carried on from a step that failed for it alone
+        (an apply step with ``delay > 0`` talks to no peer) holds another
+        global copy than its peers, and its next round is refused on every
+        replica instead of mixing the two.
+        """
+        who = f"streaming_diloco, fragment {k}"
+        if not traced(state.rounds):
+            who += f", outer rounds done {state.rounds.tolist()}"
+        return plain_mean(self.reduce, self.rnd, who)
 
     def fragments(self, params: Params, leaves: list[Any], spec: Any, chosen: list[int]) -> list[list[int]]:
         """For each fragment, the positions (in ``chosen``) of its leaves."""
@@ -344,7 +358,7 @@ class _Streaming:
         all_names = _tree.lazy_paths(params, chosen)
         if start_k is not None:
             g = groups[start_k]
-            pending = self.start(state, local, g, params, step, lambda: [all_names()[j] for j in g])
+            pending = self.start(state, local, start_k, g, params, step, lambda: [all_names()[j] for j in g])
             tag = torch.tensor([start_k, step], dtype=torch.int64, device=state.in_flight.device)
             return params, state.replace(pending=pending, in_flight=tag)
         assert apply_k is not None
@@ -352,7 +366,7 @@ class _Streaming:
         names = lambda: [all_names()[j] for j in g]  # noqa: E731
         valid = None
         if self.delay == 0:
-            averaged = self.average(state, local, g, params, step, names)
+            averaged = self.average(state, local, apply_k, g, params, step, names)
         else:
             averaged = self.unpad(state.pending, [state.global_params[j] for j in g])
             valid = self.in_flight_for(state.in_flight, apply_k, step)
@@ -380,17 +394,19 @@ class _Streaming:
         )  # fmt: skip
 
     def average(
-        self, state: StreamingDiLoCoState, local: list[Any], g: list[int], params: Params, step: int, names: Any
+        self, state: StreamingDiLoCoState, local: list[Any], k: int, g: list[int], params: Params, step: int,
+        names: Any,
     ) -> Any:
         """The group mean of fragment ``g``'s pseudo-gradient."""
         with at_step(step):
-            averaged, _ = self.mean(
+            averaged, _ = self.mean(state, k)(
                 pseudo_gradient([state.global_params[j] for j in g], [local[j] for j in g]), params, step, names
             )
         return averaged
 
     def start(
-        self, state: StreamingDiLoCoState, local: list[Any], g: list[int], params: Params, step: int, names: Any
+        self, state: StreamingDiLoCoState, local: list[Any], k: int, g: list[int], params: Params, step: int,
+        names: Any,
     ) -> torch.Tensor:
         """Start the mean of fragment ``g``'s pseudo-gradient; return the new ``pending``.
 
@@ -416,7 +432,7 @@ class _Streaming:
         flat = torch.cat(parts)
         label = lambda: ["fragment of " + ", ".join(names())]  # noqa: E731
         with at_step(step):
-            (averaged,), _ = self.mean((flat,), params, step, label)
+            (averaged,), _ = self.mean(state, k)((flat,), params, step, label)
         extra = pending.numel() - flat.numel()
         if not extra:
             return averaged

@@ -47,10 +47,10 @@ from avgfn.optim._sgd import sgd
 __all__ = ["WeightedState", "fedavg", "fedavgm", "weighted"]
 
 
-def _wire(rnd: Round, what: str = "params") -> str:
+def _wire(rnd: Round, who: str, what: str = "params") -> str:
     """What decides a weighted round's collectives besides its leaves, and what it averages (compared by its check)."""
     return (
-        f"weighted: averages={what}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, "
+        f"{who}: averages={what}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, "
         f"donate={rnd.donate}"
     )
 
@@ -130,7 +130,7 @@ def weighted_mean(
     # Before the weights move the replicas agree on the leaves and the step (not while
     # torch.compile traces: the check is host-side, and skipped there, see docs/round.md).
     if rnd.agree and not torch.compiler.is_compiling():
-        start_round(list(tensors), reduce, step, names, None, _wire(rnd, what)).wait()
+        start_round(list(tensors), reduce, step, names, None, _wire(rnd, who, what)).wait()
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
     info = torch.stack([torch.where(bad, torch.zeros_like(weight), weight), bad.to(torch.float64)])
@@ -322,7 +322,7 @@ def weighted(
             w = _weight_value(weight, params, step, state.rounds.device) if chosen else None
         if w is None:  # nothing selected
             if rnd.agree:  # the peers must learn that this replica averages nothing
-                start_round([], reduce, step, lambda: [], None, _wire(rnd)).wait()
+                start_round([], reduce, step, lambda: [], None, _wire(rnd, "weighted")).wait()
             return params, state.replace(rounds=state.rounds + 1)
         local = tuple(leaves[i] for i in chosen)
         with at_step(step):

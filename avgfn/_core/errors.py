@@ -75,9 +75,18 @@ class ReplicaMismatchError(AveragingError, ValueError):
         inputs (the message names the first and its error); empty when the
         replicas only hold different params. Over a torchft quorum it
         holds the participating rank of one refusing participant.
+      differs: what differs between the first two replicas that disagree,
+        as the message names it: ``"refused"`` (a replica refused its own
+        inputs), ``"step"`` (their schedules are out of step), ``"leaves"``
+        (other paths, shapes, dtypes or devices), ``"round"`` (another
+        averager, other round options, or another state), ``"values"``
+        (the check of values at init or at an outer step's first round),
+        ``"order"``; ``""`` where the group cannot tell (a torchft quorum,
+        whose participants do not exchange their entries).
     """
 
     refused_by: tuple[int, ...] = ()
+    differs: str = ""
 
 
 class RoundNotCommitted(AveragingError):

@@ -524,15 +524,17 @@ class Averaging:
     """What an averager does at a due step: its ``where`` and its [`Round`][avgfn.Round].
 
     Shared by the averagers that average params directly (periodic,
-    hierarchical, post-local SGD).
+    hierarchical). ``who`` names the averager in the per-round check, so
+    that replicas built with averagers of another kind refuse their rounds.
     """
 
-    __slots__ = ("where", "round")
+    __slots__ = ("where", "round", "what")
 
-    def __init__(self, where: _select.Where, rnd: Round) -> None:
+    def __init__(self, where: _select.Where, rnd: Round, who: str) -> None:
         _select.check_where(where)
         self.where = where
         self.round = rnd
+        self.what = f"params of {who}"
 
     def init_residual(self, params: Params) -> Any:
         """The error-feedback residual to keep in the state (``None`` without it)."""
@@ -547,6 +549,6 @@ class Averaging:
     def __call__(self, params: Params, reduce: Reduce, residual: Any, step: int) -> tuple[Params, Any]:
         """Average ``params`` with ``reduce``; errors of the round name ``step``."""
         try:
-            return average_tree(params, reduce, self.where, self.round, residual, step)
+            return average_tree(params, reduce, self.where, self.round, residual, step, self.what)
         except AveragingError as error:
             raise error.at_step(step) from error

@@ -159,7 +159,9 @@ def sync_inner_state(
         else:
             assert reduce is not None  # check_policy refuses "average" without a Reduce
             chosen = [i for i, flag in enumerate(synced) if flag and isinstance(leaves[i], torch.Tensor)]
-            means, _ = average_tree(tuple(leaves[i] for i in chosen), reduce, None, _INNER_ROUND)
+            means, _ = average_tree(
+                tuple(leaves[i] for i in chosen), reduce, None, _INNER_ROUND, what="optimizer state"
+            )
             for i, value in zip(chosen, means):
                 new[i] = value
         out.append(_tree.tree_unflatten(new, leaf_spec))

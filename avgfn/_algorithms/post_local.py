@@ -150,7 +150,9 @@ def post_local_gradients(
             check_update(grads, state, GradientScheduleState, "post_local_gradients")
         # No non-finite check: like DDP's all-reduce, the schedule hands an inf
         # on, so that a GradScaler-style check after it sees it on every replica.
-        new_grads, _ = average_tree(grads, reduce, where, _GRADIENT_ROUND, None, step, what="gradients of post_local_gradients")
+        new_grads, _ = average_tree(
+            grads, reduce, where, _GRADIENT_ROUND, None, step, what="gradients of post_local_gradients"
+        )
         bump = global_bump if step < start_step else local_bump
         return new_grads, GradientScheduleState(state.rounds + bump.to(state.rounds.device))
 

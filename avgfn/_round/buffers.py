@@ -243,6 +243,7 @@ class Buffers:
         self.by = _types.divisor(reduce) if _types.group_of(reduce) is not None else 1
         self.fused = self.by != 1 and not self.feedback
         self.scale = _reciprocal(self.by)
+        self.read = False  # the packing read every value as it divided them (see `pack()`'s ``found``)
         # The plain round packs with torch.cat: functional, so it runs under vmap too.
         self.plain = rnd.plain_wire and not self.fused and not self.feedback
 
@@ -276,9 +277,8 @@ class Buffers:
         ``extra``: elements left free after the data (a staged buffer only;
         the buffer returned holds them). ``found``: a one-element float32
         tensor of 0; where the packing divides one whole buffer, it reads the
-        values as it divides them and ``found`` becomes 1 if one is not
-        finite. Otherwise ``found`` is left as it is and the call returns
-        without having read them (`vouches()` says which it will be).
+        values as it divides them, ``found`` becomes 1 if one is not finite,
+        and ``self.read`` becomes true. Otherwise neither changes.
         """
         if self.donate and not self.feedback:
             whole = self.tiled is not None and len(bucket) == len(self.flats)
@@ -365,26 +365,13 @@ class Buffers:
         value is not finite (the product's bits are those of ``mul_``).
         """
         if self.scale is not None and buf.is_floating_point():
-            if found is not None and _check_and_scale is not None:
+            if found is not None and _check_and_scale is not None and not traced(buf):
                 _check_and_scale([buf], found, torch.full((1,), self.scale, device=buf.device))
+                self.read = True
             else:
                 buf.mul_(self.scale)
         else:
             buf.div_(self.by)
-
-    def vouches(self, bucket: list[Piece]) -> bool:
-        """Whether `pack()` of ``bucket`` reads its values as it divides them (see ``found`` there)."""
-        return (
-            _check_and_scale is not None
-            and self.fused
-            and self.scale is not None
-            and not self.donate
-            and self.residuals is None
-            and self.wire_dtype == self.dtype
-            and self.dtype in (torch.float32, torch.float64)
-            and self.facts.count < _SMALL * len(bucket)
-            and not traced(self.leaves[0])
-        )
 
     def sources(self, bucket: list[Piece]) -> list[torch.Tensor]:
         """The flat pieces a bucket packs (whole leaves are not sliced)."""
@@ -407,14 +394,16 @@ class Buffers:
             return _types.start_sum(self.reduce, buf)
         return _types.start(self.reduce, buf)
 
-    def finish(self, bucket: list[Piece], buf: torch.Tensor, in_place: bool, pending: Pending) -> None:
-        """Wait for a bucket and move its result where the leaves take it from."""
+    def finish(
+        self, bucket: list[Piece], buf: torch.Tensor, in_place: bool, pending: Pending, watched: bool = True
+    ) -> None:
+        """Wait for a bucket and move its result where the leaves take it from (``watched``: checked by the watch)."""
         result = check_reduced(pending.wait(), buf)
         if in_place or self.donate or self.watch is not None:
             result = check_reduced(_types.settle(result), buf)  # read here: wait for it now
         if result.requires_grad:  # a Reduce's autograd flag is not the leaves' (see `result()`)
             result = result.detach()
-        if self.watch is not None:
+        if self.watch is not None and watched:
             self.watch.add(result)
         if in_place:
             if result is not buf:
@@ -479,12 +468,10 @@ class Buffers:
         bucket = plan_buckets(self.facts.numels, None)[0]
         n = self.facts.count
         with torch.no_grad():
-            found = None
-            if self.watch is not None and self.vouches(bucket):
-                found = torch.zeros(1, dtype=torch.float32, device=self.device)
+            found = None if self.watch is None else torch.zeros(1, dtype=torch.float32, device=self.device)
             full, _ = self.pack(bucket, 0, _predicted.CHECK, found)
             full[n:] = _predicted.block(predicted.digest, full.dtype, full.device)
-            if found is not None:  # 1 when every share read finite
+            if found is not None and self.read:  # 1 when every share read finite
                 full[n + _predicted.VOUCH :] = 1 - found
             try:
                 summed = check_reduced(_types.settle(self.start(full).wait()), full)
@@ -495,13 +482,8 @@ class Buffers:
             if not ok:
                 return None
             predicted.done()
-            watch = self.watch
-            if vouched:  # both replicas' shares are finite: so is their sum (see `passed()`)
-                self.watch = None
-            try:
-                self.finish(bucket, full[:n], False, _types.Done(summed[:n]))
-            finally:
-                self.watch = watch
+            # when both replicas' shares read finite, so is their sum (see `passed()`)
+            self.finish(bucket, full[:n], False, _types.Done(summed[:n]), watched=not vouched)
             return self.results()
 
     def results(self) -> list[torch.Tensor]:

@@ -209,7 +209,12 @@ def _sharded_refusal(rank: int, world_size: int, pause: float, algo: str) -> dic
     warnings.simplefilter("ignore")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     reduce = avgfn.collectives.all_reduce_mean(mesh["replicate"].get_group(), timeout=_TIMEOUT)
-    avg = avgfn.periodic(1, reduce=reduce) if algo == "periodic" else avgfn.diloco(1, reduce=reduce)
+    avg = {
+        "periodic": lambda: avgfn.periodic(1, reduce=reduce),
+        "diloco": lambda: avgfn.diloco(1, reduce=reduce),
+        "slowmo": lambda: avgfn.slowmo(1, reduce=reduce, lr=0.1),
+        "weighted": lambda: avgfn.weighted(1, reduce=reduce, weight=1.0),
+    }[algo]()
 
     def sharded(offset: float) -> dict[str, Any]:
         full = {"a": torch.arange(6.0) + offset, "b": torch.arange(12.0).reshape(4, 3) + offset}
@@ -236,7 +241,10 @@ def _sharded_refusal(rank: int, world_size: int, pause: float, algo: str) -> dic
     return result
 
 
-@pytest.mark.parametrize("pause, algo", [(0.0, "periodic"), (0.0, "diloco"), (2 * _TIMEOUT, "periodic")])
+@pytest.mark.parametrize(
+    "pause, algo",
+    [(0.0, "periodic"), (0.0, "diloco")] + [(2 * _TIMEOUT, a) for a in ("periodic", "diloco", "slowmo", "weighted")],
+)
 def test_in_a_sharded_world_no_rank_takes_a_refused_round_for_a_good_one(pause, algo):
     # rank 0 refuses: its replica peer (rank 2) learns it from the round's check; the ranks
     # holding the other shards (1 and 3) ran their round, and their shard check meets the
@@ -244,7 +252,8 @@ def test_in_a_sharded_world_no_rank_takes_a_refused_round_for_a_good_one(pause, 
     # half a replica averaged; if that next round comes later than the Reduce's timeout,
     # they raise PeerError within it
     # (diloco's shard-wide verdict is its outer step's: the pseudo-gradient is averaged
-    # with nonfinite="ignore", its mean then judged over the shards)
+    # with nonfinite="ignore", its mean then judged over the shards, within the Reduce's
+    # timeout too; slowmo's is its slow step's, weighted's its mean's)
     outcome = run_faulty_world(_sharded_refusal, 4, pause, algo, deadline=120)
     assert all(code == 0 for code in outcome.exitcodes.values()), outcome
     r = outcome.results

@@ -213,20 +213,23 @@ def check_match(globals_: Sequence[torch.Tensor], local: Sequence[torch.Tensor],
             )
 
 
-def all_finite(tensors: Sequence[torch.Tensor], step: Optional[int] = None) -> torch.Tensor:
+def all_finite(
+    tensors: Sequence[torch.Tensor], step: Optional[int] = None, timeout: Optional[float] = None
+) -> torch.Tensor:
     """A 0-d bool tensor: every element of every tensor is finite.
 
     One read of each tensor, without a host read (the round engine's test,
     `avgfn._round.health.finite()`). DTensors (sharded params) are judged on
     every shard: the answer is a plain tensor, the same on every rank of
-    their mesh; ``step`` (the round's) travels with that verdict (see
-    `avgfn._round.sharded.everywhere`).
+    their mesh; ``step`` (the round's) travels with that verdict, and
+    ``timeout`` (seconds, the round's Reduce's: `avgfn._core.types.timeout_of`)
+    bounds the wait for the other shards (see `avgfn._round.sharded.everywhere`).
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     ok = _finite(list(tensors))
     if _sharded.any_dtensor(list(tensors)):
-        return _sharded.everywhere(ok, list(tensors), step)
+        return _sharded.everywhere(ok, list(tensors), step, timeout)
     return ok
 
 
@@ -348,6 +351,7 @@ def outer_apply(
     step: int,
     names: Optional[Names] = None,
     local: Sequence[torch.Tensor] = (),
+    timeout: Optional[float] = None,
 ) -> tuple[tuple[torch.Tensor, ...], Any, torch.Tensor]:
     """Apply ``outer`` to the global copy with the averaged pseudo-gradient.
 
@@ -357,15 +361,17 @@ def outer_apply(
     unchanged. With ``nonfinite="raise"`` a non-finite value raises
     [`avgfn.NonFiniteError`][avgfn.NonFiniteError] instead, except under a transform. The
     decision is taken on values every replica shares (the mean, and the outer
-    step applied to it), so all replicas raise or skip together.
+    step applied to it), so all replicas raise or skip together; with
+    sharded params every shard of a replica takes that decision together,
+    waiting ``timeout`` seconds (the Reduce's) for the others.
     """
     averaged = tuple(a.to(device=g.device, dtype=g.dtype) for a, g in zip(averaged, globals_))
-    ok_mean = all_finite(averaged, step)
+    ok_mean = all_finite(averaged, step, timeout)
     if nonfinite == "raise":
         eager_check(ok_mean, lambda: _nonfinite_mean(who, step, names, local, averaged))
     stepped, new_state = outer.update(averaged, outer_state, globals_)
     stepped = tuple(stepped)
-    ok_step = all_finite(stepped, step)
+    ok_step = all_finite(stepped, step, timeout)
     if nonfinite == "raise":
         eager_check(
             ok_step,
@@ -396,13 +402,14 @@ def outer_round(
     params: Params,
     step: int,
     names: Names,
+    timeout: Optional[float] = None,
 ) -> tuple[tuple[torch.Tensor, ...], Any, torch.Tensor]:
     """One outer round: average ``global - local``, then `outer_apply()`."""
     with at_step(step):
         averaged, valid = mean(pseudo_gradient(globals_, local), params, step, names)
     return outer_apply(
         globals_, outer_state, averaged, valid,
-        outer=outer, nonfinite=nonfinite, who=who, step=step, names=names, local=local,
+        outer=outer, nonfinite=nonfinite, who=who, step=step, names=names, local=local, timeout=timeout,
     )  # fmt: skip
 
 
@@ -535,6 +542,7 @@ def outer_averager(
         new_globals, new_outer, ok = outer_round(
             state.global_params, state.outer, local, mean=mean, outer=outer, nonfinite=nonfinite,
             who=who, params=params, step=step, names=_tree.lazy_paths(params, chosen),
+            timeout=_types.timeout_of(reduce),
         )  # fmt: skip
         skipped = state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype)
         new_params = write_back(leaves, spec, chosen, new_globals)

@@ -28,7 +28,7 @@ from avgfn._core import tree as _tree
 from avgfn._core import types as _types
 from avgfn._core.checks import check_int, check_reduce, check_step, check_update
 from avgfn._core.records import Record, record
-from avgfn._core.types import Averager, Params, Reduce
+from avgfn._core.types import Averager, Params, Reduce, timeout_of
 from avgfn._round.engine import refusing
 from avgfn._round.options import Round
 from avgfn.optim._base import Optimizer
@@ -255,7 +255,7 @@ class _Overlapped:
             applied = state.pending
         new_globals, new_outer, ok = outer_apply(
             state.global_params, state.outer, applied, valid, outer=self.outer, nonfinite=self.rnd.nonfinite,
-            who=who, step=step, names=names, local=local,
+            who=who, step=step, names=names, local=local, timeout=timeout_of(self.reduce),
         )  # fmt: skip
         new_state = OverlappedDiLoCoState(
             state.rounds + 1,

@@ -12,7 +12,7 @@ import torch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._round.engine import average_tree, reduce_round, refusing
-from avgfn._core.types import Averager, Params, Reduce
+from avgfn._core.types import Averager, Params, Reduce, timeout_of
 from avgfn._core.checks import check_int, check_reduce, check_step, check_update
 from avgfn._algorithms.outer import (
     all_finite,
@@ -74,7 +74,7 @@ def _lr_value(lr: LearningRate, step: int) -> float:
 
 def _slow_step(
     state: SlowMoState, averaged: Any, lr_t: float, beta: float, slow_lr: float,
-    nonfinite: str, names: Any, local: list[Any], step: int,
+    nonfinite: str, names: Any, local: list[Any], step: int, timeout: Optional[float] = None,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:  # fmt: skip
     """fairscale's slow momentum step on the averaged params: ``(globals, momentum, ok)``.
 
@@ -89,7 +89,7 @@ def _slow_step(
         # fairscale: old.add_(gmb, alpha=-lr * slowmo_lr)
         new_globals.append(torch.add(x0, u, alpha=-lr_t * slow_lr))
         new_momentum.append(u)
-    ok = all_finite(new_globals + new_momentum, step)
+    ok = all_finite(new_globals + new_momentum, step, timeout)
     if nonfinite == "raise":
         eager_check(
             ok,
@@ -237,7 +237,9 @@ def slowmo(
             averaged, _ = reduce_round(
                 local, reduce, rnd, step=step, names=names, policy=slow_policy, what="params of slowmo's slow step"
             )
-        globals_, momentum_, ok = _slow_step(state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step)
+        globals_, momentum_, ok = _slow_step(
+            state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step, timeout_of(reduce)
+        )
         new_params = write_back(leaves, spec, chosen, globals_)
         skipped = state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype)
         return new_params, SlowMoState(rounds + _SLOW_BUMP.to(rounds.device), skipped, globals_, momentum_)

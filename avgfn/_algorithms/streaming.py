@@ -12,7 +12,7 @@ from avgfn._core import tree as _tree
 from avgfn._round import sharded as _sharded
 from avgfn._round.engine import refusing
 from avgfn._round.options import Round
-from avgfn._core.types import Averager, Params, Reduce
+from avgfn._core.types import Averager, Params, Reduce, timeout_of
 from avgfn._core.checks import check_int, check_reduce, check_step, check_update
 from avgfn._algorithms.outer import (
     at_step,
@@ -461,6 +461,7 @@ class _Streaming:
         new_frag, new_outer, ok = outer_apply(
             frag_globals, state.outer[k], averaged, valid, outer=self.outer, nonfinite=self.rnd.nonfinite,
             who="streaming_diloco", step=step, names=names, local=[leaves[chosen[j]] for j in g],
+            timeout=timeout_of(self.reduce),
         )  # fmt: skip
         new_globals = list(state.global_params)
         new_leaves = list(leaves)

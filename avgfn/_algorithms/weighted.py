@@ -17,7 +17,7 @@ import attrs
 
 from avgfn._round.options import Round, round_options
 from avgfn._round.engine import Names, reduce_round, refusing
-from avgfn._core.types import Averager, Params, Reduce
+from avgfn._core.types import Averager, Params, Reduce, timeout_of
 from avgfn._core.checks import (
     check_has_tensor,
     check_int,
@@ -163,6 +163,7 @@ def _check_params_health(
     local: tuple[torch.Tensor, ...],
     means: tuple[torch.Tensor, ...],
     step: int,
+    timeout: Optional[float] = None,
 ) -> tuple[torch.Tensor, ...]:
     """``nonfinite="raise"`` for a weighted round: the core's semantics.
 
@@ -176,11 +177,11 @@ def _check_params_health(
         return tuple(
             torch.where(torch.isfinite(m).all(), m, x.detach().to(m.dtype)) for m, x in zip(means, local)
         )
-    if bool(all_finite(means, step)):
+    if bool(all_finite(means, step, timeout)):
         return means
     if nonfinite == "skip":
         return local
-    mine = [_tree.path_of(params, i) for i, x in zip(chosen, local) if not bool(all_finite([x], step))]
+    mine = [_tree.path_of(params, i) for i, x in zip(chosen, local) if not bool(all_finite([x], step, timeout))]
     where = (
         f"this replica holds non-finite values at {', '.join(mine)}"
         if mine
@@ -331,7 +332,7 @@ def weighted(
             )
         kept = False
         if traced(local[0]) or bool(ok):  # a round skipped for its weights averaged nothing to check
-            checked = _check_params_health(nonfinite, params, chosen, local, means, step)
+            checked = _check_params_health(nonfinite, params, chosen, local, means, step, timeout_of(reduce))
             # "skip": non-finite params on some replica (traced, the check never skips a round)
             kept = False if traced(local[0]) else checked is local
             means = checked

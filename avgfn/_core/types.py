@@ -223,6 +223,16 @@ def group_of(reduce: Any) -> Optional[GroupReduce]:
     return reduce if known else None
 
 
+def timeout_of(reduce: Any) -> Optional[float]:
+    """The seconds a group-backed Reduce waits for its peers, if it says (``None``: it does not).
+
+    ``all_reduce_mean(timeout=...)`` says; the small collectives a round runs
+    beside the Reduce (the shard-wide verdicts of sharded params) wait as long.
+    """
+    value = getattr(group_of(reduce), "timeout", None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def divisor(reduce: Reduce) -> int:
     """What a replica divides by before `start_sum()` (1 for a plain Reduce)."""
     group = group_of(reduce)

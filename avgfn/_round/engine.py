@@ -192,7 +192,7 @@ def reduce_round(
         averaged, new_res = _reduce_local(
             shards, reduce, rnd, step=step, names=names, key=key, residuals=res, policy=policy,
             refusal=refusal, sharding=_sharded.layouts(leaves),
-            combine=lambda flag: _sharded.everywhere(flag, leaves, step, _timeout_of(reduce)), what=what,
+            combine=lambda flag: _sharded.everywhere(flag, leaves, step, _types.timeout_of(reduce)), what=what,
         )  # fmt: skip
         if averaged is shards:  # nothing was averaged
             return leaves, residuals
@@ -207,12 +207,6 @@ def reduce_round(
         leaves, reduce, rnd, step=step, names=names, key=key, residuals=residuals, policy=policy,
         refusal=refusal, what=what,
     )  # fmt: skip
-
-
-def _timeout_of(reduce: Reduce) -> Optional[float]:
-    """The seconds a group-backed Reduce waits for its peers (``all_reduce_mean(timeout=...)``), if it says."""
-    value = getattr(_types.group_of(reduce), "timeout", None)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def refuse(reduce: Reduce, step: Optional[int], error: Exception) -> None:

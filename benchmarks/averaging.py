@@ -7,8 +7,8 @@ Spawns W gloo processes on 127.0.0.1. In one run, side by side (round-robin,
 so every variant sees the same machine noise, in an order that turns every
 round, so that none always runs right after the same other one), each
 process times R averaging rounds of every variant below after a warm-up, and
-rank 0 prints the medians. Each avgfn variant has its own Reduce and its own
-params, as a training job has one averager over its group:
+rank 0 prints the medians. Each avgfn variant has its own process group, Reduce
+and params, as a training job has one averager over its group:
 
   torch         torch's model_averaging.utils.average_parameters
   floor         one bare dist.all_reduce of a buffer of the same bytes
@@ -137,12 +137,15 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     def tree() -> dict:
         return {f"p{i}": t for i, t in enumerate(_make_params(sizes, rank))}
 
-    # Each avgfn variant has its own Reduce and its own params, as a training job
-    # has one averager with its group: the Reduce remembers the rounds it ran (a
-    # shared one would see the variants' rounds interleaved) and a tree shared by
-    # two variants would be warm in the cache for the second.
+    # Each avgfn variant has its own process group, Reduce and params, as a
+    # training job has one averager over its group: the rounds over a process
+    # group form one history, from which a group of two predicts the next
+    # round's size (docs/round.md); the variants' rounds interleaved on one
+    # group, in an order that turns every round, would never repeat. And a tree
+    # shared by two variants would be warm in the cache for the second.
     def averager(**options):
-        return avgfn.periodic(2, reduce=avgfn.collectives.all_reduce_mean(), round=avgfn.Round(**options))
+        group = dist.new_group(list(range(world)))
+        return avgfn.periodic(2, reduce=avgfn.collectives.all_reduce_mean(group), round=avgfn.Round(**options))
 
     avg = averager()
     avg_donate = averager(donate=True)
@@ -151,7 +154,7 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     avg_bf16_donate = averager(comm_dtype=torch.bfloat16, donate=True)
     avg_bf16_bucket = averager(comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes)
     avg_no_agree = averager(agree=False)
-    agree_reduce = avgfn.collectives.all_reduce_mean()
+    agree_reduce = avgfn.collectives.all_reduce_mean(dist.new_group(list(range(world))))
     pure, pure_no_agree, pure_bf16 = tree(), tree(), tree()
     state = avg.init(pure)
 

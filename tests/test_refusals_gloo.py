@@ -115,6 +115,8 @@ def _refusals(rank: int, world_size: int, algo: str, case: str, warm: int) -> di
             refusing = _build(algo, reduce, {"a": True, "b": True, "n": True})
         elif case == "drops_a_leaf":
             params = {"a": good["a"]}
+        elif case == "holds_no_tensor":  # numbers where the tensors were
+            params = {"a": 1.0, "b": [2, 3]}
         elif case == "weight_or_lr_is_not_a_number":
             refusing = _build(algo, reduce, odd=True)
         elif case == "where_raises":  # any error of the user's own callable, not only a check's
@@ -155,6 +157,14 @@ _CASES = [
     ("fedavgm", "weight_or_lr_is_not_a_number", "TypeError", 2),
     ("periodic", "where_raises", "RuntimeError", 4),
     ("fedavgm", "weight_raises", "KeyError", 2),
+    ("periodic", "holds_no_tensor", "TypeError", 0),
+    ("periodic", "holds_no_tensor", "TypeError", 4),
+    ("hierarchical", "holds_no_tensor", "TypeError", 0),
+    ("diloco", "holds_no_tensor", "TypeError", 0),
+    ("overlapped", "holds_no_tensor", "TypeError", 2),
+    ("streaming", "holds_no_tensor", "TypeError", 0),
+    ("slowmo", "holds_no_tensor", "TypeError", 0),
+    ("weighted", "holds_no_tensor", "TypeError", 0),
 ]
 
 

@@ -77,10 +77,32 @@ _NO_TENSOR_CALLS = {
 }
 
 
+def _due_update(make, step=1):
+    """An update at a due step (``step``) with a state made for tensors."""
+
+    def call(tree):
+        avg = make()
+        return avg.update(tree, avg.init(_params()), step)
+
+    return call
+
+
+_NO_TENSOR_CALLS.update({
+    "periodic.update": _due_update(lambda: avgfn.periodic(2, reduce=R), step=2),
+    "hierarchical.update": _due_update(lambda: avgfn.hierarchical([(2, R)]), step=2),
+    "diloco.update": _due_update(lambda: avgfn.diloco(2, reduce=R)),
+    "overlapped_diloco.update": _due_update(lambda: avgfn.overlapped_diloco(2, reduce=R, eager=False)),
+    "streaming_diloco.update": _due_update(lambda: avgfn.streaming_diloco(2, reduce=R)),
+    "slowmo.update": _due_update(lambda: avgfn.slowmo(2, reduce=R, lr=0.1)),
+    "weighted.update": _due_update(lambda: avgfn.weighted(2, reduce=R, weight=1.0), step=2),
+})
+
+
+@pytest.mark.parametrize("tree", [{"n": 3}, {}, None, [1.0, "x"]], ids=["numbers", "empty", "none", "list"])
 @pytest.mark.parametrize("call", sorted(_NO_TENSOR_CALLS))
-def test_a_tree_without_a_tensor_is_refused(call):
+def test_a_tree_without_a_tensor_is_refused(call, tree):
     with pytest.raises(TypeError, match="no tensor to average"):
-        _NO_TENSOR_CALLS[call]({"n": 3})
+        _NO_TENSOR_CALLS[call](tree)
 
 
 # --- donation of tensors that share memory -------------------------------------------

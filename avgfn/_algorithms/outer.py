@@ -56,9 +56,15 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def selected(params: Params, where: _select.Where) -> tuple[list[Any], Any, list[int]]:
-    """``(leaves, spec, chosen)``: the flattened params and the indices ``where`` selects."""
+def selected(params: Params, where: _select.Where, who: Optional[str] = None) -> tuple[list[Any], Any, list[int]]:
+    """``(leaves, spec, chosen)``: the flattened params and the indices ``where`` selects.
+
+    With ``who`` (an update's name), a tree without any tensor is refused
+    with ``TypeError`` (`avgfn._core.checks.check_has_tensor`).
+    """
     leaves, spec = _tree.tree_flatten(params)
+    if who is not None:
+        check_has_tensor(leaves, who)
     mask = _select.selection(where, params, leaves, spec)
     return leaves, spec, [i for i, chosen in enumerate(mask) if chosen]
 
@@ -534,7 +540,7 @@ def outer_averager(
             return params, state
         with refusing(reduce, agree, step):  # the peers are in the round: they learn of it at once
             check_update(params, state, DiLoCoState, who)
-            leaves, spec, chosen = selected(params, where)
+            leaves, spec, chosen = selected(params, where, f"{who}(...).update")
             local = [leaves[i] for i in chosen]
             check_match(state.global_params, local, who)
         with at_step(step):

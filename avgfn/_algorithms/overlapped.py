@@ -229,7 +229,7 @@ class _Overlapped:
             check_update(params, state, OverlappedDiLoCoState, who)
             if self.eager != (state.own is not None):
                 raise ValueError(f"{who}: the state was made by an overlapped_diloco with eager={not self.eager}")
-            leaves, spec, chosen = selected(params, self.where)
+            leaves, spec, chosen = selected(params, self.where, f"{who}(...).update")
             local = [leaves[i] for i in chosen]
             check_match(state.global_params, local, who)
             started = step - self.period

@@ -345,7 +345,7 @@ class _Streaming:
                     "streaming_diloco: the state was made by a streaming_diloco with other "
                     "num_fragments or delay"
                 )
-            leaves, spec, chosen = selected(params, self.where)
+            leaves, spec, chosen = selected(params, self.where, "streaming_diloco(...).update")
             groups = self.fragments(params, leaves, spec, chosen)
             local = [leaves[i] for i in chosen]
             check_match(state.global_params, local, "streaming_diloco")

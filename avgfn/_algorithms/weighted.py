@@ -319,7 +319,7 @@ def weighted(
             return params, state
         with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
             check_update(params, state, WeightedState, "weighted")
-            leaves, spec, chosen = selected(params, where)
+            leaves, spec, chosen = selected(params, where, "weighted(...).update")
             w = _weight_value(weight, params, step, state.rounds.device) if chosen else None
         if w is None:  # nothing selected
             if rnd.agree:  # the peers must learn that this replica averages nothing

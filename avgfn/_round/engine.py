@@ -25,6 +25,7 @@ import torch
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._core import types as _types
+from avgfn._core.checks import check_has_tensor
 from avgfn._core.errors import AveragingError, PeerError, ReplicaMismatchError, RoundNotCommitted
 from avgfn._core.traced import batched, traced
 from avgfn._core.types import Params, Reduce
@@ -467,14 +468,19 @@ def average_tree(
     residual: Any = None,
     step: Optional[int] = None,
     what: str = "params",
+    who: Optional[str] = None,
 ) -> tuple[Params, Any]:
     """Average the leaves of ``params`` that ``where`` selects; also return the new residual.
 
     ``residual`` (with ``rnd.error_feedback``) is a tuple of one tensor per
-    floating-point leaf of ``params``, in tree order; ``what`` as in `reduce_round()`.
+    floating-point leaf of ``params``, in tree order; ``what`` as in
+    `reduce_round()`. With ``who`` (an update's name), a tree without any
+    tensor is refused with ``TypeError``, and the peers learn of it.
     """
     with refusing(reduce, rnd.agree, step):
         leaves, flat = _tree.flatten(params)
+        if who is not None:
+            check_has_tensor(leaves, who)
         mask = _select.selection(where, params, leaves, flat)
     chosen = list(itertools.compress(range(len(mask)), mask))
     if not chosen:
@@ -522,13 +528,14 @@ class Averaging:
     that replicas built with averagers of another kind refuse their rounds.
     """
 
-    __slots__ = ("where", "round", "what")
+    __slots__ = ("where", "round", "what", "who")
 
     def __init__(self, where: _select.Where, rnd: Round, who: str) -> None:
         _select.check_where(where)
         self.where = where
         self.round = rnd
         self.what = f"params of {who}"
+        self.who = f"{who}(...).update"
 
     def init_residual(self, params: Params) -> Any:
         """The error-feedback residual to keep in the state (``None`` without it)."""
@@ -543,6 +550,6 @@ class Averaging:
     def __call__(self, params: Params, reduce: Reduce, residual: Any, step: int) -> tuple[Params, Any]:
         """Average ``params`` with ``reduce``; errors of the round name ``step``."""
         try:
-            return average_tree(params, reduce, self.where, self.round, residual, step, self.what)
+            return average_tree(params, reduce, self.where, self.round, residual, step, self.what, self.who)
         except AveragingError as error:
             raise error.at_step(step) from error

@@ -491,7 +491,7 @@ def test_each_round_agrees_once_through_the_reduce_with_its_step():
     assert entries[1] == (
         "<round>",
         "averages=params of periodic, comm_dtype=None, bucket_bytes=None, health flag=False, devices=1, donate=False, "
-        "in flight=False",
+        "in flight=False, nonfinite=raise, error_feedback=False",
     )
     assert [path for path, _ in entries[2:]] == ["['a']", "['b']"]
     reduce.calls.clear()

@@ -26,8 +26,15 @@ def _outcome(fn: Callable[[], Any], inputs: dict[str, torch.Tensor]) -> dict[str
         error, message = None, ""
     except Exception as e:  # noqa: BLE001 - the test compares the type by name
         error, message, differs = type(e).__name__, str(e), getattr(e, "differs", None)
-    unchanged = all(torch.equal(before[k], inputs[k]) for k in inputs)
+    unchanged = all(_same(before[k], inputs[k]) for k in inputs)
     return {"error": error, "message": message, "unchanged": unchanged, "differs": differs}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, a NaN where the other holds a NaN included."""
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _torch_filter(rank: int, reduce: Any) -> dict[str, Any]:
@@ -174,6 +181,18 @@ def _other_round(rank: int, reduce: Any, option: dict[str, Any]) -> dict[str, An
     return _outcome(lambda: avgfn.average(params, reduce, round=rnd), params)
 
 
+def _other_policy(rank: int, reduce: Any, kind: str, policy: str) -> dict[str, Any]:
+    # rank 0 judges non-finite values by another policy, and holds a NaN: averaged, the
+    # replicas would part ways (one raises, the other returns the NaN mixed in)
+    rnd = avgfn.Round(nonfinite=policy, verify=None) if rank == 0 else avgfn.Round(verify=None)
+    params = {"w": torch.full((4,), float(rank))}
+    if rank == 0:
+        params["w"][0] = float("nan")
+    avg = _kind(kind, reduce, rnd, 0)
+    state = avg.init({"w": torch.zeros(4)})
+    return _outcome(lambda: avg.update(params, state, 1 if kind == "diloco" else 0), params)
+
+
 def _local_refusal(rank: int, reduce: Any) -> dict[str, Any]:
     # rank 0 alone donates two leaves that share memory: it refuses, and its peer
     # must learn it from the agreement instead of waiting out the timeout
@@ -210,6 +229,9 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
         "round/comm_dtype": _other_round(rank, reduce, {"comm_dtype": torch.bfloat16}),
         "round/buckets": _other_round(rank, reduce, {"bucket_bytes": 16}),
         "round/exclude": _other_round(rank, reduce, {"nonfinite": "exclude"}),
+        "round/ignore": _other_policy(rank, reduce, "periodic", "ignore"),
+        "round/skip": _other_policy(rank, reduce, "periodic", "skip"),
+        "round/diloco_skip": _other_policy(rank, reduce, "diloco", "skip"),
         "kind": _other_kind(rank, reduce, ("periodic", "diloco")),
         "kind/weighted": _other_kind(rank, reduce, ("weighted", "fedavgm")),
         "kind/hierarchical": _other_kind(rank, reduce, ("periodic", "hierarchical")),
@@ -347,12 +369,16 @@ def test_the_group_still_works_after_every_refusal(world):
     assert world[0]["after"] == world[1]["after"] == [0.5, 0.5]
 
 
-@pytest.mark.parametrize("option", ["comm_dtype", "buckets", "exclude"])
+@pytest.mark.parametrize("option", ["comm_dtype", "buckets", "exclude", "ignore", "skip", "diloco_skip"])
 def test_replicas_built_with_other_round_options_all_raise(world, option):
     for rank in (0, 1):
         r = world[rank][f"round/{option}"]
         assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)
         assert "runs its rounds as" in r["message"] and "the same Round" in r["message"], r["message"]
+        assert r["differs"] == "round", (rank, r)
+    if option in ("ignore", "skip", "diloco_skip"):  # the policies are named
+        message = world[0][f"round/{option}"]["message"]
+        assert "nonfinite=raise" in message and f"nonfinite={option.split('_')[-1]}" in message, message
 
 
 def test_a_replica_that_refuses_a_round_tells_its_peers(world):

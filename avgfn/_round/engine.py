@@ -412,9 +412,13 @@ def _agreement(
         able += f", predicts={_predicted.history(reduce) is not None}"
     if in_check:  # the flags travel with the check, or in a collective of their own
         able += f", flags in check={_types.carries_flags(reduce)}"
+    # and the options that decide what a round returns: a replica that ignores a NaN its peer
+    # refuses would return a mean the peer raises over
+    judged = rnd.nonfinite if policy == rnd.nonfinite else f"{rnd.nonfinite} (this round {policy})"
     wire = (
         f"averages={what}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, health flag={exchange}, "
-        f"devices={devices}, donate={rnd.donate}, in flight={held}{able}"
+        f"devices={devices}, donate={rnd.donate}, in flight={held}{able}, nonfinite={judged}, "
+        f"error_feedback={rnd.error_feedback}"
     )
     refused = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"
     flags = None if local is None else [int(not local[0]), int(not local[1])]

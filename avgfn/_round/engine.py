@@ -316,10 +316,13 @@ def _reduce_local(
         if residuals is not None:
             sent_res = [None if r is None else _zero_unless(plan.mask, r) for r in residuals]
     watch = _health.Watch() if plan.check and not traced(leaves[0]) else None
+    # a donated round whose sum may overflow is checked before anything is written
+    staged = rnd.donate and plan.check and plan.mask is None and watch is not None and not _bounded(plan.reduce)
+    moved = _undonated(rnd) if staged else rnd
     try:
-        averaged, new_res, wrote, watch = _move(sent, reduce, plan.reduce, rnd, sent_res, watch, gate, facts)
+        averaged, new_res, wrote, watch = _move(sent, reduce, plan.reduce, moved, sent_res, watch, gate, facts)
     except PeerError as error:
-        raise (_donated_failure(error) if rnd.donate else error) from error
+        raise (_donated_failure(error) if moved.donate else error) from error
     if plan.mask is not None:
         averaged = [_like(leaf, value, plan.keep) for leaf, value in zip(leaves, averaged)]
         if new_res is not None and residuals is not None:  # and keeps the error it carried
@@ -338,9 +341,38 @@ def _reduce_local(
     if not _types.commit(reduce):
         raise RoundNotCommitted(
             "the group did not commit this averaging round; the inputs of update are unchanged"
-            + (" except the donated params" if rnd.donate else "")
+            + (" except the donated params" if moved.donate else "")
         )
+    if staged:
+        averaged = _written_back(leaves, averaged)
     return averaged, new_res
+
+
+def _bounded(reduce: Reduce) -> bool:
+    """Whether a sum of shares of values within the wire's range stays within it.
+
+    A group-backed Reduce whose divisor is a power of two: each share is the
+    value's exact quotient, or on a narrower wire its rounding, which is at
+    most the quotient of the wire's largest value (itself representable),
+    so the sum of the shares is at most that largest value. With another
+    divisor a share may round up (65504 / 3 in float16 rounds to 21840, and
+    three of them sum to infinity); with a Reduce of unknown arithmetic
+    nothing is known.
+    """
+    group = _types.group_of(reduce)
+    if group is None:
+        return False
+    by = group.divisor()
+    return by >= 1 and by & (by - 1) == 0
+
+
+def _written_back(leaves: list[torch.Tensor], averaged: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The checked mean written into the donated ``leaves``, which are returned."""
+    with torch.no_grad():
+        for leaf, value in zip(leaves, averaged):
+            if value is not leaf:
+                leaf.copy_(value)
+    return leaves
 
 
 def _pure_is_one_collective(

@@ -220,3 +220,18 @@ def test_sgd_momentum_state_never_aliases_the_grads():
     _, state = opt.update(grads, opt.init(params), params)
     grads["w"].zero_()
     assert torch.equal(state.momentum_buffer["w"], torch.full((3,), 2.0))
+
+
+def test_the_built_in_optimizers_say_their_settings():
+    # the DiLoCo family's per-round check compares its outer optimizer's settings
+    assert avgfn.optim.sgd(0.7, momentum=0.9, nesterov=True).settings == (
+        "sgd(lr=0.7, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=False)"
+    )
+    assert avgfn.optim.adamw(1e-3).settings.startswith("adamw(lr=0.001, betas=(0.9, 0.999), eps=1e-08")
+    assert avgfn.optim.adam(1e-3).settings.startswith("adam(lr=0.001,")
+    clipped = avgfn.optim.clip_by_global_norm(1.0, avgfn.optim.sgd(0.1))
+    assert clipped.settings.startswith("clip_by_global_norm(1.0, sgd(lr=0.1,")
+    assert avgfn.optim.sgd(avgfn.optim.cosine_decay(0.1, 10)).settings.startswith("sgd(lr=schedule,")
+    assert avgfn.optim.sgd(0.7).settings != avgfn.optim.sgd(0.5).settings
+    by_hand = avgfn.optim.Optimizer(init=lambda p: None, update=lambda g, s, p: (p, s))
+    assert by_hand.settings == ""  # not compared

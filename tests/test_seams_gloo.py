@@ -193,6 +193,27 @@ def _other_policy(rank: int, reduce: Any, kind: str, policy: str) -> dict[str, A
     return _outcome(lambda: avg.update(params, state, 1 if kind == "diloco" else 0), params)
 
 
+def _other_settings(rank: int, reduce: Any, kind: str) -> dict[str, Any]:
+    # the same averager, leaves, step and Round, but rank 0 applies another outer step:
+    # the pseudo-gradients would be averaged alike and applied differently, the global
+    # copies drifting apart without an error
+    rnd = avgfn.Round(verify=None)
+    first = rank == 0
+    if kind == "diloco":
+        avg: Any = avgfn.diloco(1, reduce=reduce, round=rnd, outer_optimizer=avgfn.optim.sgd(0.7 if first else 0.5))
+    elif kind == "streaming":
+        avg = avgfn.streaming_diloco(1, reduce=reduce, round=rnd, alpha=0.5 if first else 0.0)
+    elif kind == "overlapped":
+        avg = avgfn.overlapped_diloco(1, reduce=reduce, round=rnd, eager=first, num_replicas=2)
+    elif kind == "slowmo":
+        avg = avgfn.slowmo(1, reduce=reduce, round=rnd, lr=0.1, momentum=0.9 if first else 0.5)
+    else:
+        avg = avgfn.fedavgm(1, reduce=reduce, round=rnd, weight=1.0, server_momentum=0.9 if first else 0.0)
+    params = {"w": torch.full((4,), float(rank))}
+    state = avg.init({"w": torch.zeros(4)})
+    return _outcome(lambda: avg.update(params, state, 0), params)
+
+
 def _local_refusal(rank: int, reduce: Any) -> dict[str, Any]:
     # rank 0 alone donates two leaves that share memory: it refuses, and its peer
     # must learn it from the agreement instead of waiting out the timeout
@@ -232,6 +253,7 @@ def _world(rank: int, world_size: int) -> dict[str, Any]:
         "round/ignore": _other_policy(rank, reduce, "periodic", "ignore"),
         "round/skip": _other_policy(rank, reduce, "periodic", "skip"),
         "round/diloco_skip": _other_policy(rank, reduce, "diloco", "skip"),
+        **{f"settings/{kind}": _other_settings(rank, reduce, kind) for kind in _SETTINGS},
         "kind": _other_kind(rank, reduce, ("periodic", "diloco")),
         "kind/weighted": _other_kind(rank, reduce, ("weighted", "fedavgm")),
         "kind/hierarchical": _other_kind(rank, reduce, ("periodic", "hierarchical")),
@@ -367,6 +389,23 @@ def test_a_streaming_replica_that_carried_on_from_a_step_it_failed_alone_is_refu
 
 def test_the_group_still_works_after_every_refusal(world):
     assert world[0]["after"] == world[1]["after"] == [0.5, 0.5]
+
+
+_SETTINGS = {
+    "diloco": "outer sgd(lr=0.7",
+    "streaming": "alpha=0.5",
+    "overlapped": "eager=True",
+    "slowmo": "momentum=0.9",
+    "fedavgm": "outer sgd(lr=1.0, momentum=0.9",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SETTINGS))
+def test_replicas_built_with_another_outer_step_are_refused(world, kind):
+    for rank in (0, 1):
+        r = world[rank][f"settings/{kind}"]
+        assert r["error"] == "ReplicaMismatchError" and r["unchanged"], (rank, r)
+        assert r["differs"] == "round" and _SETTINGS[kind] in r["message"], (rank, r)
 
 
 @pytest.mark.parametrize("option", ["comm_dtype", "buckets", "exclude", "ignore", "skip", "diloco_skip"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from avgfn._algorithms.outer import check_global_device, outer_averager, outer_options, plain_mean
+from avgfn._algorithms.outer import check_global_device, outer_averager, outer_options, plain_mean, with_settings
 from avgfn._core import select as _select
 from avgfn._core.checks import check_int, check_reduce
 from avgfn._core.types import Averager, Reduce
@@ -101,7 +101,7 @@ def diloco(
     device = check_global_device(global_device)
     outer, rnd = outer_options("diloco", outer_optimizer, where, round, deprecated)
     return outer_averager(
-        "diloco", period, reduce=reduce, outer=outer, mean=plain_mean(reduce, rnd, "diloco"),
+        "diloco", period, reduce=reduce, outer=outer, mean=plain_mean(reduce, rnd, with_settings("diloco", outer)),
         where=where, nonfinite=rnd.nonfinite, verify=rnd.verify, global_device=device, agree=rnd.agree,
     )  # fmt: skip
 

@@ -298,6 +298,22 @@ def mean_policy(nonfinite: str) -> str:
     return "exclude" if nonfinite == "exclude" else "ignore"
 
 
+def with_settings(who: str, outer: Optimizer, **options: Any) -> str:
+    """``who`` followed by what decides its outer step: ``options``, then the outer optimizer's settings.
+
+    It names the averager in the per-round check (`plain_mean()`'s ``who``):
+    replicas built with another outer learning rate, momentum or mixing
+    would otherwise average the same pseudo-gradients and apply them
+    differently, their global copies drifting apart without an error. An
+    outer optimizer built by hand (no `avgfn.optim.Optimizer.settings`) is
+    not compared.
+    """
+    parts = [who, *(f"{key}={value!r}" for key, value in options.items())]
+    if outer.settings:
+        parts.append(f"outer {outer.settings}")
+    return ", ".join(parts)
+
+
 def plain_mean(reduce: Reduce, rnd: Round, who: str) -> Mean:
     """The unweighted group mean of a tuple of tensors, through the round engine.
 

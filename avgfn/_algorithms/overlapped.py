@@ -16,6 +16,7 @@ from avgfn._algorithms.outer import (
     outer_apply,
     outer_options,
     plain_mean,
+    with_settings,
     pseudo_gradient,
     selected,
     snapshot,
@@ -193,7 +194,7 @@ class _Overlapped:
     ) -> None:  # fmt: skip
         self.period, self.reduce, self.eager, self.replicas = period, reduce, eager, replicas
         self.outer, self.rnd, self.where, self.device = outer, rnd, where, device
-        self.mean = plain_mean(reduce, rnd, self.who)
+        self.mean = plain_mean(reduce, rnd, with_settings(self.who, outer, eager=eager))
 
     def averager(self) -> Averager:
         return Averager(init=self.init, update=self.update)

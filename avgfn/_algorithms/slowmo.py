@@ -198,6 +198,9 @@ def slowmo(
     )
     nonfinite, verify = rnd.nonfinite, rnd.verify
     slow_policy = mean_policy(nonfinite)
+    # compared by the per-round check: replicas with another slow step would drift apart
+    rate = f"lr={lr_spec!r}, " if not callable(lr_spec) else ""
+    slow_what = f"params of slowmo's slow step, {rate}momentum={beta!r}, slow_lr={slow_lr!r}"
 
     def init(params: Params) -> SlowMoState:
         verify_selected(params, where, reduce, verify, "slowmo")
@@ -236,7 +239,7 @@ def slowmo(
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):
             averaged, _ = reduce_round(
-                local, reduce, rnd, step=step, names=names, policy=slow_policy, what="params of slowmo's slow step"
+                local, reduce, rnd, step=step, names=names, policy=slow_policy, what=slow_what
             )
         globals_, momentum_, ok = _slow_step(
             state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step, timeout_of(reduce)

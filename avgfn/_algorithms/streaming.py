@@ -25,6 +25,7 @@ from avgfn._algorithms.outer import (
     outer_apply,
     outer_options,
     plain_mean,
+    with_settings,
     pseudo_gradient,
     selected,
     snapshot,
@@ -260,7 +261,7 @@ class _Streaming:
         global copy than its peers, and its next round is refused on every
         replica instead of mixing the two.
         """
-        who = f"streaming_diloco, fragment {k}"
+        who = with_settings(f"streaming_diloco, fragment {k}", self.outer, alpha=self.alpha)
         if not traced(state.rounds):
             who += f", outer rounds done {state.rounds.tolist()}"
         return plain_mean(self.reduce, self.rnd, who)

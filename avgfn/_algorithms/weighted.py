@@ -36,6 +36,7 @@ from avgfn._algorithms.outer import (
     outer_averager,
     outer_options,
     selected,
+    with_settings,
 )
 from avgfn._core.errors import NonFiniteError
 from avgfn._core.records import Record, record
@@ -47,11 +48,14 @@ from avgfn.optim._sgd import sgd
 __all__ = ["WeightedState", "fedavg", "fedavgm", "weighted"]
 
 
-def _wire(rnd: Round, who: str, what: str = "params") -> str:
-    """What decides a weighted round's collectives besides its leaves, and what it averages (compared by its check)."""
+def _wire(rnd: Round, who: str, what: str = "params", settings: str = "") -> str:
+    """What decides a weighted round's collectives besides its leaves, and what it returns (compared by its check).
+
+    ``settings``: more of what decides the result (fedavgm's outer step).
+    """
     return (
-        f"{who}: averages={what}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, "
-        f"donate={rnd.donate}"
+        f"{who}: averages={what}{settings}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, "
+        f"donate={rnd.donate}, nonfinite={rnd.nonfinite}, error_feedback={rnd.error_feedback}"
     )
 
 # numbers.Real: any real number is accepted (a Fraction, a NumPy scalar), not only float and int.
@@ -112,6 +116,7 @@ def weighted_mean(
     step: int,
     names: Names,
     what: str = "params",
+    settings: str = "",
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """``sum_i w_i x_i / sum_i w_i`` over the group, with two Reduce calls.
 
@@ -130,7 +135,8 @@ def weighted_mean(
     # Before the weights move the replicas agree on the leaves and the step (not while
     # torch.compile traces: the check is host-side, and skipped there, see docs/round.md).
     if rnd.agree and not torch.compiler.is_compiling():
-        start_round(list(tensors), reduce, step, names, None, _wire(rnd, who, what)).wait()
+        wire = _wire(rnd, who, what, f"{settings}, invalid_weights={invalid}")
+        start_round(list(tensors), reduce, step, names, None, wire).wait()
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
     info = torch.stack([torch.where(bad, torch.zeros_like(weight), weight), bad.to(torch.float64)])
@@ -451,12 +457,15 @@ def fedavgm(
         "fedavgm", sgd(server_lr, momentum=server_momentum), where, round, deprecated, ("raise", "skip")
     )
     wire_round = attrs.evolve(rnd, nonfinite="ignore")
+    settings = ", " + with_settings(f"nonfinite {rnd.nonfinite}", outer)  # the outer step's, compared too
 
     def mean(tensors: tuple[torch.Tensor, ...], params: Params, step: int, names: Names) -> Any:
         device = tensors[0].device if tensors else torch.device("cpu")
         with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
             w = _weight_value(weight, params, step, device)
-        return weighted_mean(tensors, reduce, w, wire_round, invalid, "fedavgm", step, names, "pseudo-gradients")
+        return weighted_mean(
+            tensors, reduce, w, wire_round, invalid, "fedavgm", step, names, "pseudo-gradients", settings
+        )
 
     return outer_averager(
         "fedavgm", period, reduce=reduce, outer=outer, mean=mean, where=where,

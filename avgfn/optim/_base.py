@@ -51,6 +51,12 @@ class Optimizer:
         ``grads`` and ``params`` are pytrees of the same structure whose leaves
         are tensors. Neither they nor ``state`` are modified; on an error
         nothing changes.
+      settings: what the optimizer is, with its hyperparameters
+        (``"sgd(lr=0.7, momentum=0.9, ...)"``), as the built-in factories
+        say; ``""`` for one built by hand. The DiLoCo family's per-round
+        check compares its outer optimizer's across the replicas, so that
+        replicas built with other outer steps are refused instead of
+        drifting apart.
 
     Examples:
       >>> import torch, avgfn
@@ -64,6 +70,18 @@ class Optimizer:
 
     init: OptInitFn
     update: OptUpdateFn
+    settings: str = attrs.field(default="", kw_only=True)
+
+
+def settings_of(name: str, lr: Any, **options: Any) -> str:
+    """``name(lr=..., option=...)``: the `Optimizer.settings` of a built-in factory.
+
+    A schedule of the learning rate is named by its own ``settings`` when it
+    has them (else as ``schedule``: two schedules are then not told apart).
+    """
+    rate = repr(lr) if isinstance(lr, (int, float)) else getattr(lr, "settings", "schedule")
+    rest = "".join(f", {key}={value!r}" for key, value in options.items())
+    return f"{name}(lr={rate}{rest})"
 
 
 def check_float(name: str, value: Any, *, minimum: float | None = 0.0, below: float | None = None) -> float:

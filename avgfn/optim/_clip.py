@@ -165,5 +165,6 @@ def clip_by_global_norm(
         clipped, _ = clip_grad_norm(grads, max_norm, norm_type=norm_type)
         return inner(clipped, state, params)
 
-    return Optimizer(init=optimizer.init, update=update)
+    settings = f"clip_by_global_norm({max_norm!r}, {optimizer.settings or 'an optimizer'}, norm_type={norm_type!r})"
+    return Optimizer(init=optimizer.init, update=update, settings=settings)
 

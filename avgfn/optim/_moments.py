@@ -22,6 +22,7 @@ from avgfn.optim._base import (
     check_state_type,
     flatten_like,
     flatten_params,
+    settings_of,
 )
 from avgfn.optim._schedules import Schedule, check_lr, lr_at
 
@@ -231,4 +232,8 @@ def adaptive_moments(
             unflat(new_vmax, spec) if amsgrad else None,
         )
 
-    return Optimizer(init=init, update=update)
+    settings = settings_of(
+        who, lr, betas=(opts.beta1, opts.beta2), eps=opts.eps, weight_decay=opts.weight_decay,
+        amsgrad=opts.amsgrad, maximize=opts.maximize,
+    )  # fmt: skip
+    return Optimizer(init=init, update=update, settings=settings)

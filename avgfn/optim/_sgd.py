@@ -16,6 +16,7 @@ from avgfn.optim._base import (
     check_state_type,
     flatten_like,
     flatten_params,
+    settings_of,
 )
 from avgfn.optim._schedules import Schedule, check_lr, lr_at
 
@@ -222,4 +223,8 @@ def sgd(
         buffers = _tree.tree_unflatten(new_buffers, spec) if momentum != 0 else None
         return _tree.tree_unflatten(new_params, spec), SGDState(state.step + 1, buffers)
 
-    return Optimizer(init=init, update=update)
+    settings = settings_of(
+        "sgd", lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        maximize=maximize,
+    )  # fmt: skip
+    return Optimizer(init=init, update=update, settings=settings)

@@ -693,3 +693,53 @@ def test_a_mismatch_says_what_kind_of_difference_it_found():
     assert "rank 1 in a check of its params outside any round" in _difference([base, outside], [0, 1])[1]
     no_step = [("<step>", "none"), ("<round>", "r"), leaf]
     assert "rank 1 in a round without a step (avgfn.average" in _difference([base, no_step], [0, 1])[1]
+
+
+# --- a donated round checked before it is written (a sum that may overflow) ------------
+# A plain Reduce's arithmetic is unknown: a donated round whose replica holds values past
+# half the wire's range runs as the plain round and writes its checked mean back.
+
+
+def test_a_donated_round_checked_before_it_is_written_reports_a_change():
+    model = torch.nn.Linear(3, 1, bias=False).half()
+    with torch.no_grad():
+        model.weight.fill_(40000.0)  # past half of float16's range
+    storage = model.weight.data_ptr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        avg = avgfn.ModuleAverager(model, avgfn.periodic(1, reduce=R, round=_donate()), params="all")
+    assert avg.step(0) is True
+    assert model.weight.data_ptr() == storage and bool((model.weight == 40000.0).all())
+    params = {"w": torch.full((3,), 40000.0, dtype=torch.float16)}
+    periodic = avgfn.periodic(2, reduce=R, round=_donate())
+    new, _ = periodic.update(params, periodic.init(params), 0)
+    assert new is not params and new["w"] is params["w"]
+
+
+def test_a_donated_round_checked_before_it_is_written_keeps_its_rounding_error():
+    def make(donate):
+        return avgfn.periodic(
+            2, reduce=R, round=avgfn.Round(donate=donate, comm_dtype=torch.bfloat16, error_feedback=True)
+        )
+
+    values = torch.tensor([2.0e38, 1.0 + 2.0**-12, -2.5e38])  # past half of bfloat16's range
+    pure, donated = make(False), make(True)
+    expected, pure_state = pure.update({"w": values.clone()}, pure.init({"w": values}), 0)
+    params = {"w": values.clone()}
+    out, state = donated.update(params, donated.init(params), 0)
+    assert out["w"] is params["w"] and torch.equal(out["w"], expected["w"])
+    assert torch.equal(state.residual[0], pure_state.residual[0])
+    assert bool(state.residual[0].abs().sum() > 0)  # the rounding error was kept, not dropped
+
+
+def test_a_donated_round_on_a_narrow_wire_stays_donated_while_its_values_have_room(monkeypatch):
+    from avgfn._round import engine
+
+    staged = []
+    original = engine._written_back
+    monkeypatch.setattr(engine, "_written_back", lambda leaves, averaged: staged.append(1) or original(leaves, averaged))
+    for value, expected in ((1.0, []), (2.0e38, [1])):  # bfloat16's largest value is about 3.4e38
+        staged.clear()
+        params = {"w": torch.full((3,), value)}
+        out = avgfn.average(params, R, round=avgfn.Round(donate=True, comm_dtype=torch.bfloat16))
+        assert out["w"] is params["w"] and staged == expected, (value, staged)

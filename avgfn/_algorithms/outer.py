@@ -306,7 +306,7 @@ def with_settings(who: str, outer: Optimizer, **options: Any) -> str:
     would otherwise average the same pseudo-gradients and apply them
     differently, their global copies drifting apart without an error. An
     outer optimizer built by hand (no `avgfn.optim.Optimizer.settings`) is
-    not compared.
+    not compared, nor is a learning-rate schedule (named ``schedule``).
     """
     parts = [who, *(f"{key}={value!r}" for key, value in options.items())]
     if outer.settings:

@@ -13,7 +13,7 @@ from avgfn._core import select as _select
 from avgfn._core import tree as _tree
 from avgfn._round.engine import average_tree, reduce_round, refusing
 from avgfn._core.types import Averager, Params, Reduce, timeout_of
-from avgfn._core.checks import check_has_tensor, check_int, check_reduce, check_step, check_update
+from avgfn._core.checks import check_int, check_reduce, check_step, check_update
 from avgfn._algorithms.outer import (
     all_finite,
     at_step,
@@ -223,9 +223,8 @@ def slowmo(
             return params, state
         with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
             check_update(params, state, SlowMoState, "slowmo")
-            check_has_tensor(_tree.tree_leaves(params), "slowmo(...).update")
             if slow:  # (a base round averages the params, whatever the selection holds now)
-                leaves, spec, chosen = selected(params, where)
+                leaves, spec, chosen = selected(params, where, "slowmo(...).update")
                 local = [leaves[i] for i in chosen]
                 check_match(state.global_params, local, "slowmo")
                 lr_t = _lr_value(lr_spec, step)
@@ -234,7 +233,9 @@ def slowmo(
         rounds = state.rounds
         if not slow:
             with at_step(step):
-                new_params, _ = average_tree(params, reduce, where, rnd, None, step, "params of slowmo")
+                new_params, _ = average_tree(
+                    params, reduce, where, rnd, None, step, "params of slowmo", "slowmo(...).update"
+                )
             return new_params, state.replace(rounds=rounds + _BASE_BUMP.to(rounds.device))
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):

@@ -48,14 +48,16 @@ from avgfn.optim._sgd import sgd
 __all__ = ["WeightedState", "fedavg", "fedavgm", "weighted"]
 
 
-def _wire(rnd: Round, who: str, what: str = "params", settings: str = "") -> str:
+def _wire(rnd: Round, who: str, what: str = "params", settings: str = "", judged: str = "") -> str:
     """What decides a weighted round's collectives besides its leaves, and what it returns (compared by its check).
 
-    ``settings``: more of what decides the result (fedavgm's outer step).
+    ``settings``: more of what decides the result (fedavgm's outer step);
+    ``judged``: the averager's own ``nonfinite`` where the round's differs.
     """
+    policy = f"{judged} (this round {rnd.nonfinite})" if judged and judged != rnd.nonfinite else rnd.nonfinite
     return (
         f"{who}: averages={what}{settings}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, "
-        f"donate={rnd.donate}, nonfinite={rnd.nonfinite}, error_feedback={rnd.error_feedback}"
+        f"donate={rnd.donate}, nonfinite={policy}, error_feedback={rnd.error_feedback}"
     )
 
 # numbers.Real: any real number is accepted (a Fraction, a NumPy scalar), not only float and int.
@@ -117,6 +119,7 @@ def weighted_mean(
     names: Names,
     what: str = "params",
     settings: str = "",
+    judged: str = "",
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """``sum_i w_i x_i / sum_i w_i`` over the group, with two Reduce calls.
 
@@ -135,7 +138,7 @@ def weighted_mean(
     # Before the weights move the replicas agree on the leaves and the step (not while
     # torch.compile traces: the check is host-side, and skipped there, see docs/round.md).
     if rnd.agree and not torch.compiler.is_compiling():
-        wire = _wire(rnd, who, what, f"{settings}, invalid_weights={invalid}")
+        wire = _wire(rnd, who, what, f"{settings}, invalid_weights={invalid}", judged)
         start_round(list(tensors), reduce, step, names, None, wire).wait()
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
@@ -457,14 +460,15 @@ def fedavgm(
         "fedavgm", sgd(server_lr, momentum=server_momentum), where, round, deprecated, ("raise", "skip")
     )
     wire_round = attrs.evolve(rnd, nonfinite="ignore")
-    settings = ", " + with_settings(f"nonfinite {rnd.nonfinite}", outer)  # the outer step's, compared too
+    settings = f", outer {outer.settings}" if outer.settings else ""  # the outer step's, compared too
 
     def mean(tensors: tuple[torch.Tensor, ...], params: Params, step: int, names: Names) -> Any:
         device = tensors[0].device if tensors else torch.device("cpu")
         with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
             w = _weight_value(weight, params, step, device)
         return weighted_mean(
-            tensors, reduce, w, wire_round, invalid, "fedavgm", step, names, "pseudo-gradients", settings
+            tensors, reduce, w, wire_round, invalid, "fedavgm", step, names, "pseudo-gradients", settings,
+            rnd.nonfinite,
         )
 
     return outer_averager(

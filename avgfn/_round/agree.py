@@ -148,9 +148,11 @@ def start_round(
     """Begin the check that every replica averages the same leaves at the same ``step``.
 
     ``wire`` describes what decides the round's collectives besides the
-    leaves (the round options: buckets, wire dtype, health exchange, devices); it is
+    leaves (the round options: buckets, wire dtype, health exchange, devices)
+    and what decides its result (the averager and what it averages, the
+    ``nonfinite`` policy, error feedback, an outer step's settings); it is
     part of the digest, so replicas built with different options raise
-    instead of exchanging buffers that do not match. ``refused`` says why
+    instead of exchanging buffers that do not match or parting ways. ``refused`` says why
     this replica refuses the round (a local check failed): its peers then
     raise at once instead of waiting for it. ``sharding`` (for DTensor
     leaves, whose local shards ``leaves`` are) gives per leaf the global

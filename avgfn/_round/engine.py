@@ -310,11 +310,7 @@ def _reduce_local(
         plan = _health.plan(leaves, reduce, policy, rnd.donate, local_bad, limit, combine)
     if plan.skip:
         return leaves, residuals
-    sent, sent_res = leaves, residuals
-    if plan.mask is not None:  # an excluded replica sends nothing, its carried rounding error included
-        sent = [_zero_unless(plan.mask, leaf) for leaf in leaves]
-        if residuals is not None:
-            sent_res = [None if r is None else _zero_unless(plan.mask, r) for r in residuals]
+    sent, sent_res = _sent(plan, leaves, residuals)
     watch = _health.Watch() if plan.check and not traced(leaves[0]) else None
     # a donated round whose sum may overflow is checked before anything is written
     staged = rnd.donate and plan.check and plan.mask is None and watch is not None and not _bounded(plan.reduce)
@@ -324,12 +320,7 @@ def _reduce_local(
     except PeerError as error:
         raise (_donated_failure(error) if moved.donate else error) from error
     if plan.mask is not None:
-        averaged = [_like(leaf, value, plan.keep) for leaf, value in zip(leaves, averaged)]
-        if new_res is not None and residuals is not None:  # and keeps the error it carried
-            new_res = [
-                n if n is None or old is None else torch.where(plan.mask, n, old)
-                for n, old in zip(new_res, residuals)
-            ]
+        averaged, new_res = _unmasked(plan, leaves, residuals, averaged, new_res)
     if plan.check:
         averaged = _health.check_result(
             policy, leaves, averaged, watch, local_bad,
@@ -345,6 +336,29 @@ def _reduce_local(
         )
     if staged:
         averaged = _written_back(leaves, averaged)
+    return averaged, new_res
+
+
+def _sent(plan: _health.Plan, leaves: list[torch.Tensor], residuals: Any) -> tuple[list[torch.Tensor], Any]:
+    """What this replica sends: its leaves and residuals, or zeros where it is excluded."""
+    if plan.mask is None:
+        return leaves, residuals
+    # an excluded replica sends nothing, its carried rounding error included
+    sent = [_zero_unless(plan.mask, leaf) for leaf in leaves]
+    if residuals is not None:
+        residuals = [None if r is None else _zero_unless(plan.mask, r) for r in residuals]
+    return sent, residuals
+
+
+def _unmasked(
+    plan: _health.Plan, leaves: list[torch.Tensor], residuals: Any, averaged: list[torch.Tensor], new_res: Any
+) -> tuple[list[torch.Tensor], Any]:
+    """An excluding round's results: the mean (or the old values), and each replica's residual."""
+    averaged = [_like(leaf, value, plan.keep) for leaf, value in zip(leaves, averaged)]
+    if new_res is not None and residuals is not None:  # and keeps the error it carried
+        new_res = [
+            n if n is None or old is None else torch.where(plan.mask, n, old) for n, old in zip(new_res, residuals)
+        ]
     return averaged, new_res
 
 
@@ -367,12 +381,16 @@ def _bounded(reduce: Reduce) -> bool:
 
 
 def _written_back(leaves: list[torch.Tensor], averaged: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The checked mean written into the donated ``leaves``, which are returned."""
+    """The checked mean written into the donated ``leaves``, returned in a new list.
+
+    A new list, as a donated round returns: the callers tell a round that
+    averaged from one that was skipped by whether they get their own list back.
+    """
     with torch.no_grad():
         for leaf, value in zip(leaves, averaged):
             if value is not leaf:
                 leaf.copy_(value)
-    return leaves
+    return list(leaves)
 
 
 def _pure_is_one_collective(

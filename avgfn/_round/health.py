@@ -110,17 +110,21 @@ def _judge(values: Optional[torch.Tensor], leaves: list[torch.Tensor], limit: Op
 
 
 def _roomy(values: Optional[torch.Tensor], leaves: list[torch.Tensor], limit: Optional[float]) -> torch.Tensor:
-    """Whether the sum of the group's pre-divided shares cannot overflow (exact wires only).
+    """Whether the sum of the group's pre-divided shares cannot overflow.
 
-    Each replica's share is at most ``max / 2 / W`` when its values are at
-    most half the dtype's largest value, so the sum of ``W`` shares, rounding
-    included, stays finite: a mean the peers agreed was healthy need not be
-    read again. Past half (or on a narrower wire) the mean is checked.
+    Each replica's share is at most ``max / 2 / W`` (rounding included, a
+    hair more) when its values are at most half the wire's largest value
+    (``limit`` on a narrower wire, else the leaves' dtype's), so the sum of
+    ``W`` shares stays finite: a mean the peers agreed was healthy need not
+    be read again. Past half the mean is checked.
     """
     device = leaves[0].device
-    if values is None or limit is not None or any(leaf.is_complex() for leaf in leaves):
+    if values is None or any(leaf.is_complex() for leaf in leaves):
         return torch.zeros((), dtype=torch.bool, device=device)
-    half = min(torch.finfo(leaf.dtype).max for leaf in leaves if leaf.is_floating_point()) / 2
+    if limit is not None:
+        half = limit / 2
+    else:
+        half = min(torch.finfo(leaf.dtype).max for leaf in leaves if leaf.is_floating_point()) / 2
     return (values.abs() <= half).all()
 
 

@@ -76,10 +76,12 @@ class Optimizer:
 def settings_of(name: str, lr: Any, **options: Any) -> str:
     """``name(lr=..., option=...)``: the `Optimizer.settings` of a built-in factory.
 
-    A schedule of the learning rate is named by its own ``settings`` when it
-    has them (else as ``schedule``: two schedules are then not told apart).
+    A schedule of the learning rate is named by its own ``settings`` string
+    when it has one, else as ``schedule``: schedules are then not told apart
+    (nor compared by the DiLoCo family's check).
     """
-    rate = repr(lr) if isinstance(lr, (int, float)) else getattr(lr, "settings", "schedule")
+    named = getattr(lr, "settings", None)
+    rate = repr(lr) if isinstance(lr, (int, float)) else named if isinstance(named, str) and named else "schedule"
     rest = "".join(f", {key}={value!r}" for key, value in options.items())
     return f"{name}(lr={rate}{rest})"
 

@@ -3,8 +3,8 @@
 A ``step`` (like ``period``, ``warmup_steps``, ``start_step``) is an integer: a
 Python int, or anything ``operator.index`` turns into one (an integer tensor of
 one element). A float, a bool, a float or bool tensor or a string raises
-``TypeError`` naming the argument; a negative step raises ``ValueError``; and
-nothing is changed when they do.
+``TypeError`` naming the argument; a negative step, or one past int64, raises
+``ValueError``; and nothing is changed when they do.
 """
 
 from __future__ import annotations
@@ -66,6 +66,20 @@ def test_a_negative_step_raises_value_error(name):
         avg.update(params, state, -1)
     with pytest.raises(ValueError, match="step must be >= 0, got -3"):
         avg.update(params, state, torch.tensor(-3))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_step_past_int64_raises_value_error_and_changes_nothing(name):
+    # the averagers keep steps in int64 tensors (overlapped_diloco's tag of its round in flight)
+    avg = REGISTRY[name].make(ALONE)
+    params = initial_params(0)
+    state = avg.init(params)
+    before = _clone((params, state))
+    for step in (1 << 63, (1 << 70) - 1):
+        with pytest.raises(ValueError, match=r"step must be at most 2\*\*63 - 1 \(an int64\), got"):
+            avg.update(params, state, step)
+    assert _same((params, state), before)
+    avg.update(params, state, (1 << 63) - 1)  # the largest step is a step
 
 
 def test_the_training_wrappers_take_the_same_steps():

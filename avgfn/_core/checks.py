@@ -14,19 +14,26 @@ from avgfn._core.traced import traced
 _S = TypeVar("_S")
 
 
+_LARGEST_STEP = (1 << 63) - 1
+"""The largest step: the averagers keep steps (and the rounds they start) in int64 tensors."""
+
+
 def check_step(step: Any) -> int:
     """Validate the ``step`` argument of ``update`` and return it as an int.
 
     Accepts a Python int, or any integer ``operator.index`` converts (a NumPy
     integer, an integer tensor of one element such as ``torch.tensor(3)``).
     Refuses with ``TypeError`` a bool or a bool tensor (``True`` is not a step),
-    a float, a float tensor or a string; with ``ValueError`` a negative step.
+    a float, a float tensor or a string; with ``ValueError`` a negative step,
+    or one past ``2**63 - 1`` (the averagers keep steps in int64 tensors).
     """
     if type(step) is int:
         # The common case, first: torch.compile keeps a plain int step symbolic
         # here, where operator.index would bake each value into a new graph.
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        if step > _LARGEST_STEP:
+            raise ValueError(f"step must be at most 2**63 - 1 (an int64), got {step}")
         return step
     if isinstance(step, bool):
         raise TypeError(f"step must be an int, got bool {step!r}")
@@ -38,6 +45,8 @@ def check_step(step: Any) -> int:
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}") from None
     if value < 0:
         raise ValueError(f"step must be >= 0, got {value}")
+    if value > _LARGEST_STEP:
+        raise ValueError(f"step must be at most 2**63 - 1 (an int64), got {value}")
     return value
 
 

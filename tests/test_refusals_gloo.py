@@ -68,6 +68,8 @@ def _build(algo: str, reduce: avgfn.Reduce, where: Any = None, odd: bool = False
         return avgfn.post_local_gradients(100, global_reduce=reduce, local_reduce=None, where=where)
     if algo == "average":  # the functional round, as an averager without state
         return _Average(reduce, where)
+    if algo == "chain":  # a temporal average first (no round of its own), then the round
+        return avgfn.chain(avgfn.ema(0.5), avgfn.periodic(1, reduce=reduce, where=where))
     raise AssertionError(algo)
 
 
@@ -109,6 +111,8 @@ def _refusals(rank: int, algo: str, case: str, warm: int, group: Any) -> dict[st
             params = (p for p in good.values())
         elif case == "state_of_another_averager":
             bad_state = avgfn.ema(0.5).init(good)  # its init does not communicate
+        elif case == "chain_of_other_length":  # the chain's own check, not one of its averagers'
+            bad_state = avgfn.ChainState(state.states[:1])
         elif case == "where_yields_a_non_bool":
             refusing = _build(algo, reduce, lambda leaf: "yes")
         elif case == "where_is_not_a_where":
@@ -160,6 +164,9 @@ _CASES = [
     ("fedavgm", "weight_or_lr_is_not_a_number", "TypeError", 2),
     ("periodic", "where_raises", "RuntimeError", 4),
     ("fedavgm", "weight_raises", "KeyError", 2),
+    ("chain", "state_of_another_averager", "TypeError", 0),
+    ("chain", "chain_of_other_length", "ValueError", 2),
+    ("chain", "generator", "TypeError", 0),
     ("periodic", "holds_no_tensor", "TypeError", 0),
     ("periodic", "holds_no_tensor", "TypeError", 4),
     ("diloco", "holds_no_tensor", "TypeError", 0),  # (hierarchical, overlapped: tests/test_seams.py)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from avgfn._core.types import Averager, Params
-from avgfn._core.checks import check_state, check_step
+from avgfn._core.checks import Refused, check_params, check_state, check_step
 from avgfn._core.records import Record, record
 
 __all__ = ["ChainState", "chain"]
@@ -67,12 +67,17 @@ def chain(*averagers: Averager) -> Averager:
         return ChainState(tuple(a.init(params) for a in averagers))
 
     def update(params: Params, state: ChainState, step: int) -> tuple[Params, ChainState]:
-        check_state(state, ChainState, "chain")
         step = check_step(step)
-        if not isinstance(state.states, tuple) or len(state.states) != count:
-            raise ValueError(
-                f"chain: the state holds {len(state.states)} states, this chain has {count} averagers"
-            )
+        try:  # what the chain itself checks: a temporal average first would raise before any round
+            check_state(state, ChainState, "chain")
+            if not isinstance(state.states, tuple) or len(state.states) != count:
+                raise ValueError(
+                    f"chain: the state holds {len(state.states)} states, this chain has {count} averagers"
+                )
+            check_params(params, "chain(...).update")
+        except (TypeError, ValueError) as error:
+            _refuse(averagers, params, step, error)
+            raise
         states: list[Any] = []
         changed = False
         for averager, sub in zip(averagers, state.states):
@@ -84,3 +89,20 @@ def chain(*averagers: Averager) -> Averager:
         return params, ChainState(tuple(states))
 
     return Averager(init=init, update=update)
+
+
+def _refuse(averagers: tuple[Averager, ...], params: Params, step: int, error: Exception) -> None:
+    """Refuse, for ``error``, the round that the first of ``averagers`` due at ``step`` runs.
+
+    Each averager is handed a `Refused` state in turn: one at an off-step
+    raises ``error`` at once (its peers run no round either); the first one
+    due refuses its round through its own check, which tells the peers
+    (`avgfn._round.engine.refusing` marks ``error``), and no later averager
+    is run, since its peers will not reach it.
+    """
+    for averager in averagers:
+        try:
+            averager.update(params, Refused(error), step)
+        except Exception as raised:  # noqa: BLE001 - only ``error`` itself goes on to the next
+            if raised is not error or getattr(error, "avgfn_refused_round", False):
+                return

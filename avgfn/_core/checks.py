@@ -50,9 +50,26 @@ def check_step(step: Any) -> int:
     return value
 
 
+class Refused:
+    """Stands for a state that cannot be used: an ``update`` given it raises ``error``.
+
+    [`avgfn.chain()`][avgfn.chain] hands it to its averagers when its own
+    state is refused, so that the first of them with a round due at the
+    step refuses that round through its own check, and its peers (already
+    in that round) learn of it at once instead of waiting out their timeout.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 def check_state(state: Any, cls: type[_S], averager: str) -> _S:
     """Raise ``TypeError`` unless ``state`` is a ``cls`` (made by ``averager``'s init)."""
     if not isinstance(state, cls):
+        if isinstance(state, Refused):
+            raise state.error
         raise TypeError(
             f"state must be a {cls.__name__} made by {averager}(...).init, "
             f"got {type(state).__name__}"

@@ -259,6 +259,10 @@ class refusing:
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> Literal[False]:
         if self.agree and isinstance(error, Exception) and not isinstance(error, AveragingError):
             refuse(self.reduce, self.step, error)
+            try:
+                setattr(error, "avgfn_refused_round", True)  # the peers were told (see `avgfn.chain`)
+            except AttributeError:  # an exception class without a __dict__
+                pass
         return False
 
 

@@ -298,7 +298,7 @@ def mean_policy(nonfinite: str) -> str:
     return "exclude" if nonfinite == "exclude" else "ignore"
 
 
-def with_settings(who: str, outer: Optimizer, **options: Any) -> str:
+def with_settings(who: str, outer: Optional[Optimizer], **options: Any) -> str:
     """``who`` followed by what decides its outer step: ``options``, then the outer optimizer's settings.
 
     It names the averager in the per-round check (`plain_mean()`'s ``who``):
@@ -309,7 +309,7 @@ def with_settings(who: str, outer: Optimizer, **options: Any) -> str:
     not compared, nor is a learning-rate schedule (named ``schedule``).
     """
     parts = [who, *(f"{key}={value!r}" for key, value in options.items())]
-    if outer.settings:
+    if outer is not None and outer.settings:
         parts.append(f"outer {outer.settings}")
     return ", ".join(parts)
 

@@ -16,13 +16,13 @@ from avgfn._algorithms.outer import (
     outer_apply,
     outer_options,
     plain_mean,
-    with_settings,
     pseudo_gradient,
     selected,
     snapshot,
     verify_first_round,
     verify_selected,
     write_back,
+    with_settings,
 )
 from avgfn._core import select as _select
 from avgfn._core import tree as _tree

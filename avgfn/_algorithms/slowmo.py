@@ -28,6 +28,7 @@ from avgfn._algorithms.outer import (
     mean_policy,
     selected,
     snapshot,
+    with_settings,
     write_back,
 )
 from avgfn._core.errors import NonFiniteError
@@ -74,7 +75,7 @@ def _lr_value(lr: LearningRate, step: int) -> float:
 
 def _slow_step(
     state: SlowMoState, averaged: Any, lr_t: float, beta: float, slow_lr: float,
-    nonfinite: str, names: Any, local: list[Any], step: int, timeout: Optional[float] = None,
+    nonfinite: str, names: Any, local: list[Any], step: int, reduce: Reduce,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:  # fmt: skip
     """fairscale's slow momentum step on the averaged params: ``(globals, momentum, ok)``.
 
@@ -89,7 +90,7 @@ def _slow_step(
         # fairscale: old.add_(gmb, alpha=-lr * slowmo_lr)
         new_globals.append(torch.add(x0, u, alpha=-lr_t * slow_lr))
         new_momentum.append(u)
-    ok = all_finite(new_globals + new_momentum, step, timeout)
+    ok = all_finite(new_globals + new_momentum, step, timeout_of(reduce))  # over the shards too
     if nonfinite == "raise":
         eager_check(
             ok,
@@ -102,6 +103,10 @@ def _slow_step(
     globals_ = tuple(torch.where(ok, n, o) for n, o in zip(new_globals, state.global_params))
     momentum_ = tuple(torch.where(ok, n, o) for n, o in zip(new_momentum, state.momentum))
     return globals_, momentum_, ok
+
+
+_UPDATE = "slowmo(...).update"
+"""The name of slowmo's update in the errors of its inputs."""
 
 
 def slowmo(
@@ -198,9 +203,8 @@ def slowmo(
     )
     nonfinite, verify = rnd.nonfinite, rnd.verify
     slow_policy = mean_policy(nonfinite)
-    # compared by the per-round check: replicas with another slow step would drift apart
-    rate = f"lr={lr_spec!r}, " if not callable(lr_spec) else ""
-    slow_what = f"params of slowmo's slow step, {rate}momentum={beta!r}, slow_lr={slow_lr!r}"
+    rate = {} if callable(lr_spec) else {"lr": lr_spec}  # a schedule is not compared
+    slow_what = with_settings("params of slowmo's slow step", None, **rate, momentum=beta, slow_lr=slow_lr)
 
     def init(params: Params) -> SlowMoState:
         verify_selected(params, where, reduce, verify, "slowmo")
@@ -224,7 +228,7 @@ def slowmo(
         with refusing(reduce, rnd.agree, step):  # the peers are in the round: they learn of it at once
             check_update(params, state, SlowMoState, "slowmo")
             if slow:  # (a base round averages the params, whatever the selection holds now)
-                leaves, spec, chosen = selected(params, where, "slowmo(...).update")
+                leaves, spec, chosen = selected(params, where, _UPDATE)
                 local = [leaves[i] for i in chosen]
                 check_match(state.global_params, local, "slowmo")
                 lr_t = _lr_value(lr_spec, step)
@@ -233,20 +237,14 @@ def slowmo(
         rounds = state.rounds
         if not slow:
             with at_step(step):
-                new_params, _ = average_tree(
-                    params, reduce, where, rnd, None, step, "params of slowmo", "slowmo(...).update"
-                )
+                new_params, _ = average_tree(params, reduce, where, rnd, None, step, "params of slowmo", _UPDATE)
             return new_params, state.replace(rounds=rounds + _BASE_BUMP.to(rounds.device))
         names = _tree.lazy_paths(params, chosen)
         with at_step(step):
-            averaged, _ = reduce_round(
-                local, reduce, rnd, step=step, names=names, policy=slow_policy, what=slow_what
-            )
-        globals_, momentum_, ok = _slow_step(
-            state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step, timeout_of(reduce)
-        )
-        new_params = write_back(leaves, spec, chosen, globals_)
+            averaged, _ = reduce_round(local, reduce, rnd, step=step, names=names, policy=slow_policy, what=slow_what)
+        kept, momentum_, ok = _slow_step(state, averaged, lr_t, beta, slow_lr, nonfinite, names, local, step, reduce)
+        new_params = write_back(leaves, spec, chosen, kept)
         skipped = state.skipped + (~ok).to(state.skipped.device, state.skipped.dtype)
-        return new_params, SlowMoState(rounds + _SLOW_BUMP.to(rounds.device), skipped, globals_, momentum_)
+        return new_params, SlowMoState(rounds + _SLOW_BUMP.to(rounds.device), skipped, kept, momentum_)
 
     return Averager(init=init, update=update)

@@ -25,11 +25,11 @@ from avgfn._algorithms.outer import (
     outer_apply,
     outer_options,
     plain_mean,
-    with_settings,
     pseudo_gradient,
     selected,
     snapshot,
     to_local,
+    with_settings,
 )
 from avgfn._core.records import Record, record
 from avgfn._core.traced import traced

@@ -207,16 +207,29 @@ class GroupMean:
         [`avgfn.PeerError`][avgfn.PeerError] (``None``: the group's own timeout).
       in_flight: whether an eager call returns at once, its result a
         [`MeanInFlight`][avgfn.collectives.MeanInFlight] that waits when first read.
+      spare_groups: more process groups over the same ranks, in the same
+        order (a tuple, empty by default); a round's pieces run on them
+        beside ``group`` (see `start_sum_on()`).
     """
 
     def __init__(
-        self, group: Optional[dist.ProcessGroup] = None, timeout: Timeout = None, in_flight: bool = False
+        self,
+        group: Optional[dist.ProcessGroup] = None,
+        timeout: Timeout = None,
+        in_flight: bool = False,
+        spare_groups: Sequence[dist.ProcessGroup] = (),
     ) -> None:
         if not isinstance(in_flight, bool):
             raise TypeError(f"in_flight must be a bool, got {type(in_flight).__name__} {in_flight!r}")
         self.group = group
         self.timeout = _seconds(timeout)
         self.in_flight = in_flight
+        self.spare_groups = _spare_groups(group, spare_groups)
+
+    @property
+    def lanes(self) -> int:
+        """How many sums can run side by side: the group and its `spare_groups`."""
+        return 1 + len(self.spare_groups)
 
     def describe(self) -> str:
         """A short name of the group, for error messages."""
@@ -278,7 +291,23 @@ class GroupMean:
         same bits): an op of the graph, whose result waits where it is first
         read. Its wait is the group's own (see ``docs/collectives.md``).
         """
-        group = self._group()
+        return self._start_sum(self._group(), tensor)
+
+    def start_sum_on(self, lane: int, tensor: torch.Tensor) -> Union["_PendingMean", Done]:
+        """`start_sum()` on one of the `lanes`: 0 is ``group``, ``k`` is ``spare_groups[k - 1]``.
+
+        Sums on different lanes run side by side, each over a process group
+        (and a connection) of its own: the round engine spreads the pieces of
+        a large round over them (see ``docs/collectives.md``). Every rank must
+        start the same pieces on the same lanes, in the same order; the
+        agreement of each round compares `lanes`.
+        """
+        if isinstance(lane, bool) or not isinstance(lane, int) or not 0 <= lane < self.lanes:
+            raise ValueError(f"lane must be an int in [0, {self.lanes}), got {lane!r}")
+        group = self._group() if lane == 0 else self.spare_groups[lane - 1]
+        return self._start_sum(group, tensor)
+
+    def _start_sum(self, group: Any, tensor: torch.Tensor) -> Union["_PendingMean", Done]:
         if dist.get_rank(group) < 0:
             return _PendingMean(self, None, tensor, 0.0)
         if torch.compiler.is_compiling():
@@ -417,7 +446,50 @@ class GroupMean:
     def __repr__(self) -> str:
         timeout = "" if self.timeout is None else f", timeout={self.timeout:g}"
         held = ", in_flight=True" if self.in_flight else ""
-        return f"all_reduce_mean(group={self.group!r}{timeout}{held})"
+        spare = f", spare_groups={self.spare_groups!r}" if self.spare_groups else ""
+        return f"all_reduce_mean(group={self.group!r}{timeout}{held}{spare})"
+
+
+def _ranks(group: Any) -> Optional[list[int]]:
+    """The global ranks of ``group`` in its order (``None``: this rank is outside it)."""
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        return None
+    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+
+
+def _spare_groups(group: Optional[dist.ProcessGroup], spare: Sequence[Any]) -> tuple[Any, ...]:
+    """``spare`` as a tuple, each checked to hold the ranks of ``group``, in its order."""
+    if isinstance(spare, (dist.ProcessGroup, str, bytes)) or not isinstance(spare, Sequence):
+        raise TypeError(f"spare_groups must be a sequence of process groups, got {spare!r}")
+    spare = tuple(spare)
+    if not spare:
+        return spare
+    for k, extra in enumerate(spare):
+        if not (isinstance(extra, dist.ProcessGroup) or extra is dist.GroupMember.NON_GROUP_MEMBER):
+            raise TypeError(f"spare_groups[{k}] must be a ProcessGroup, got {extra!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "all_reduce_mean(spare_groups=...): torch.distributed is not initialized; "
+            "create the process groups after torch.distributed.init_process_group"
+        )
+    main = dist.group.WORLD if group is None else group
+    ranks = _ranks(group)
+    seen = [main]
+    for k, extra in enumerate(spare):
+        if any(extra is other for other in seen) and extra is not dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError(
+                f"spare_groups[{k}] is the group itself or another spare group: each lane needs a "
+                "process group of its own (dist.new_group(ranks) makes one)"
+            )
+        seen.append(extra)
+        held = _ranks(extra)
+        if held != ranks:
+            raise ValueError(
+                f"spare_groups[{k}] must hold the ranks of the group in the same order: the group has "
+                f"{'no place for this rank' if ranks is None else ranks}, spare_groups[{k}] has "
+                f"{'no place for this rank' if held is None else held}"
+            )
+    return spare
 
 
 def _first_difference(entries: list[list[tuple[str, str]]], ranks: list[int]) -> str:
@@ -554,7 +626,11 @@ class _Agreement:
 
 
 def all_reduce_mean(
-    group: Optional[dist.ProcessGroup] = None, *, timeout: Timeout = None, in_flight: bool = False
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    timeout: Timeout = None,
+    in_flight: bool = False,
+    spare_groups: Sequence[dist.ProcessGroup] = (),
 ) -> GroupMean:
     """The Reduce of a real process group: the mean over its ranks.
 
@@ -579,16 +655,29 @@ def all_reduce_mean(
         (``delay > 0``) and [`avgfn.overlapped_diloco()`][avgfn.overlapped_diloco] keep the
         all-reduce on the wire while the replicas compute. Under
         ``torch.compile`` every call is in flight (torch's functional all-reduce).
+      spare_groups: more process groups over the ranks of ``group``, in the
+        same order (each made by ``dist.new_group(ranks)`` on every rank of
+        the world, before the first round). The round engine then splits a
+        large donated or bucketed round into pieces and runs them side by
+        side, one sum per group: each group has a connection and a thread of
+        its own, which on gloo moves a large round faster than one
+        all-reduce does (measured in ``docs/performance.md``). The bits are
+        those of the round on ``group`` alone (see ``docs/collectives.md``).
+        Every replica must pass as many; each round's agreement compares them.
 
     Returns:
       A [`GroupMean`][avgfn.collectives.GroupMean], callable as ``reduce(tensor) -> tensor``. It writes
       into its argument (the averagers hand it a buffer of their own).
 
     Raises:
-      TypeError: ``group`` is not a process group, or ``timeout`` is neither
-        seconds nor a ``timedelta``.
+      TypeError: ``group`` is not a process group, ``timeout`` is neither
+        seconds nor a ``timedelta``, or ``spare_groups`` is not a sequence of
+        process groups.
       ValueError: a ``timeout`` that is not finite, not positive, or longer
-        than `MAX_TIMEOUT_S` (the backend could not honour it).
+        than `MAX_TIMEOUT_S` (the backend could not honour it); a spare group
+        over other ranks (or in another order), or one given twice or equal
+        to ``group``.
+      RuntimeError: ``spare_groups`` given before ``init_process_group``.
 
     Examples:
       >>> import tempfile, torch, torch.distributed as dist, avgfn
@@ -605,7 +694,7 @@ def all_reduce_mean(
         or group is dist.GroupMember.NON_GROUP_MEMBER  # what new_group gives a non-member
     ):
         raise TypeError(f"group must be a ProcessGroup or None, got {group!r}")
-    return GroupMean(group, _seconds(timeout), in_flight)
+    return GroupMean(group, _seconds(timeout), in_flight, spare_groups)
 
 
 PeriodGroupSizes = Union[Mapping[int, int], Sequence[tuple[int, int]]]

@@ -21,6 +21,14 @@ and params, as a training job has one averager over its group:
   avgfn-bf16    comm_dtype=torch.bfloat16 (pure), error against fp32 reported
   avgfn-bf16-donate  bf16 on the wire, written in place
   avgfn-bf16-bucket  bf16 on the wire, donated, staged in buckets
+  floor-2g      the floor's buffer in two halves, one bare all_reduce of each on
+                two process groups side by side
+  avgfn-donate-2g       avgfn-donate over a Reduce with a spare group
+                        (all_reduce_mean(group, spare_groups=[group2])): its
+                        pieces run on both groups side by side
+  avgfn-bf16-2g         avgfn-bf16 over that Reduce
+  avgfn-bf16-donate-2g  avgfn-bf16-donate over that Reduce
+  avgfn-bf16-bucket-2g  avgfn-bf16-bucket over that Reduce
   off-step      update at a step where nothing is due (microseconds)
 
 Host CPU is the CPU time of the calling thread during a round (median): the
@@ -143,9 +151,11 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     # round's size (docs/round.md); the variants' rounds interleaved on one
     # group, in an order that turns every round, would never repeat. And a tree
     # shared by two variants would be warm in the cache for the second.
-    def averager(**options):
+    def averager(lanes=1, **options):
         group = dist.new_group(list(range(world)))
-        return avgfn.periodic(2, reduce=avgfn.collectives.all_reduce_mean(group), round=avgfn.Round(**options))
+        spare = [dist.new_group(list(range(world))) for _ in range(lanes - 1)]
+        reduce = avgfn.collectives.all_reduce_mean(group, spare_groups=spare)
+        return avgfn.periodic(2, reduce=reduce, round=avgfn.Round(**options))
 
     avg = averager()
     avg_donate = averager(donate=True)
@@ -154,11 +164,19 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     avg_bf16_donate = averager(comm_dtype=torch.bfloat16, donate=True)
     avg_bf16_bucket = averager(comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes)
     avg_no_agree = averager(agree=False)
+    avg_donate_2 = averager(lanes=2, donate=True)
+    avg_bf16_2 = averager(lanes=2, comm_dtype=torch.bfloat16)
+    avg_bf16_donate_2 = averager(lanes=2, comm_dtype=torch.bfloat16, donate=True)
+    avg_bf16_bucket_2 = averager(lanes=2, comm_dtype=torch.bfloat16, donate=True, bucket_bytes=bucket_bytes)
+    floor_groups = [dist.new_group(list(range(world))) for _ in range(2)]
     agree_reduce = avgfn.collectives.all_reduce_mean(dist.new_group(list(range(world))))
-    pure, pure_no_agree, pure_bf16 = tree(), tree(), tree()
+    pure, pure_no_agree, pure_bf16, pure_bf16_2 = tree(), tree(), tree(), tree()
     state = avg.init(pure)
 
-    holder = {"donated": tree(), "bucketed": tree(), "bf16_donated": tree(), "bf16_bucketed": tree()}
+    holder = {
+        "donated": tree(), "bucketed": tree(), "bf16_donated": tree(), "bf16_bucketed": tree(),
+        "donated_2": tree(), "bf16_donated_2": tree(), "bf16_bucketed_2": tree(),
+    }  # fmt: skip
     out = {}
 
     def run_torch():
@@ -169,6 +187,13 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
 
     def run_floor_bf16():
         dist.all_reduce(floor_bf16)
+
+    def run_floor_2():
+        works = [
+            dist.all_reduce(half, group=group, async_op=True) for half, group in zip(floor_buf.chunk(2), floor_groups)
+        ]
+        for work in works:
+            work.wait()
 
     def run_avgfn():
         out["pure"] = avg.update(pure, state, 0)[0]
@@ -194,6 +219,18 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     def run_bf16_bucket():
         holder["bf16_bucketed"] = avg_bf16_bucket.update(holder["bf16_bucketed"], state, 0)[0]
 
+    def run_donate_2():
+        holder["donated_2"] = avg_donate_2.update(holder["donated_2"], state, 0)[0]
+
+    def run_bf16_2():
+        out["bf16_2"] = avg_bf16_2.update(pure_bf16_2, state, 0)[0]
+
+    def run_bf16_donate_2():
+        holder["bf16_donated_2"] = avg_bf16_donate_2.update(holder["bf16_donated_2"], state, 0)[0]
+
+    def run_bf16_bucket_2():
+        holder["bf16_bucketed_2"] = avg_bf16_bucket_2.update(holder["bf16_bucketed_2"], state, 0)[0]
+
     variants = {
         "torch": run_torch,
         "floor": run_floor,
@@ -206,6 +243,11 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
         "avgfn-bf16": run_bf16,
         "avgfn-bf16-donate": run_bf16_donate,
         "avgfn-bf16-bucket": run_bf16_bucket,
+        "floor-2g": run_floor_2,
+        "avgfn-donate-2g": run_donate_2,
+        "avgfn-bf16-2g": run_bf16_2,
+        "avgfn-bf16-donate-2g": run_bf16_donate_2,
+        "avgfn-bf16-bucket-2g": run_bf16_bucket_2,
     }
     timings: dict = {}
     host: dict = {}

@@ -122,6 +122,12 @@ class GroupReduce(Protocol):
       result unless the check passes (`avgfn._round.predicted`). A
       `ForwardingReduce` does not forward it; a subclass that passes every
       tensor on unchanged may set it.
+    * optionally, ``lanes`` (an int, at least 1) and ``start_sum_on(lane,
+      tensor)``: `start_sum()` on one of ``lanes`` sums that can run side by
+      side (each over a process group of its own, lane 0 being the group's
+      own `start_sum()`); the engine spreads the pieces of a large round
+      over them, the same pieces on the same lanes on every replica, and
+      each round's agreement compares ``lanes``.
     * ``commit()``: whether the group keeps the round that just completed;
       a group that votes on its rounds (a torchft quorum) may answer False,
       and the round is then refused with [`avgfn.RoundNotCommitted`][avgfn.RoundNotCommitted].
@@ -243,6 +249,22 @@ def start_sum(reduce: Reduce, tensor: torch.Tensor) -> Pending:
     """Begin the sum of ``tensor`` pre-divided by `divisor()` (a plain Reduce: its mean)."""
     group = group_of(reduce)
     return Done(reduce(tensor)) if group is None else group.start_sum(tensor)
+
+
+def lanes(reduce: Reduce) -> int:
+    """How many sums the group can run side by side (`start_sum_on()`); 1 when it does not say."""
+    group = group_of(reduce)
+    value = getattr(group, "lanes", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or not hasattr(group, "start_sum_on"):
+        return 1
+    return value
+
+
+def start_sum_on(reduce: Reduce, lane: int, tensor: torch.Tensor) -> Pending:
+    """`start_sum()` on ``lane`` of the group's `lanes()` (lane 0: `start_sum()` itself)."""
+    if lane == 0:
+        return start_sum(reduce, tensor)
+    return group_of(reduce).start_sum_on(lane, tensor)  # type: ignore[union-attr]
 
 
 def start(reduce: Reduce, tensor: torch.Tensor) -> Pending:
@@ -390,6 +412,15 @@ class ForwardingReduce:
     def start_sum(self, tensor: torch.Tensor) -> Pending:
         self.observe(tensor, True)
         return start_sum(self.inner, tensor)
+
+    @property
+    def lanes(self) -> int:
+        """The inner Reduce's `lanes()` (1 over a plain callable)."""
+        return lanes(self.inner)
+
+    def start_sum_on(self, lane: int, tensor: torch.Tensor) -> Pending:
+        self.observe(tensor, True)
+        return start_sum_on(self.inner, lane, tensor)
 
     def agree(self, digest: bytes, entries: Callable[[], list[tuple[str, str]]]) -> None:
         agree(self.inner, digest, entries)

@@ -49,6 +49,9 @@ _SMALL = 1 << 16
 _CHUNK = 1 << 20
 """The most elements `Buffers.divide_into()` computes at a time."""
 
+_PIECE = 1 << 21
+"""The fewest elements of each piece when a round's one buffer is split over a group's lanes (`Buffers.start()`)."""
+
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _NBYTES = operator.attrgetter("nbytes")
 
@@ -165,6 +168,22 @@ def plan_buckets(numels: list[int], capacity: Optional[int]) -> list[list[Piece]
     return [b for b in buckets if b]
 
 
+class _Spread:
+    """One buffer's sum, in pieces on the group's lanes side by side (see `Buffers.start()`)."""
+
+    __slots__ = ("buf", "pieces", "pending")
+
+    def __init__(self, buf: torch.Tensor, pieces: list[torch.Tensor], pending: list[Pending]) -> None:
+        self.buf, self.pieces, self.pending = buf, pieces, pending
+
+    def wait(self) -> torch.Tensor:
+        for piece, pending in zip(self.pieces, self.pending):
+            result = check_reduced(_types.settle(pending.wait()), piece)
+            if result is not piece:
+                piece.copy_(result)
+        return self.buf
+
+
 def tiled(flats: list[torch.Tensor], bucket: list[Piece], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """A 1-D view over the bucket's elements when they lie in order in one storage.
 
@@ -227,6 +246,12 @@ class Buffers:
             # round stages it and writes the result back into them instead.)
             self.tiled = tiled(self.flats, whole, self.wire_dtype)
             self.donate = self.tiled is not None
+        self.by = _types.divisor(reduce) if _types.group_of(reduce) is not None else 1
+        self.fused = self.by != 1 and not self.feedback
+        self.lanes = _types.lanes(reduce) if self.fused else 1
+        # one buffer is split over the lanes only in a group of two whose results are not in flight (`start()`)
+        group = _types.group_of(reduce)
+        self.split = self.lanes > 1 and group is not None and group.size == 2 and getattr(group, "in_flight", False) is not True
         self.residuals = None
         self.new_res: Optional[list[Optional[torch.Tensor]]] = None
         if self.feedback:
@@ -240,8 +265,6 @@ class Buffers:
         # torch.div(src, divisor, out=dst). On the exact paths that is only done
         # where src already has the buffer's dtype (the bits of copy, then
         # divide); on a reduced-precision wire the quotient is rounded once.
-        self.by = _types.divisor(reduce) if _types.group_of(reduce) is not None else 1
-        self.fused = self.by != 1 and not self.feedback
         self.scale = _reciprocal(self.by)
         self.read = False  # the packing read every value as it divided them (see `pack()`'s ``found``)
         # The plain round packs with torch.cat: functional, so it runs under vmap too.
@@ -388,11 +411,25 @@ class Buffers:
             return False
         return self.capacity is None or all(lo == 0 and hi == self.flats[i].numel() for i, lo, hi in bucket)
 
-    def start(self, buf: torch.Tensor) -> Pending:
-        """Start the bucket's collective (a sum when the division was fused)."""
-        if self.fused:
-            return _types.start_sum(self.reduce, buf)
-        return _types.start(self.reduce, buf)
+    def start(self, buf: torch.Tensor, k: int = 0) -> Pending:
+        """Start bucket ``k``'s collective (a sum when the division was fused).
+
+        On a group with several lanes (``all_reduce_mean(...,
+        spare_groups=...)``), bucket ``k`` goes to lane ``k`` modulo their
+        number; a round without buckets, in a group of two, sends its buffer
+        in one piece per lane (each of at least `_PIECE` elements) side by
+        side. A pair's sum is ``a + b`` wherever a value lies, so the pieces
+        give the bits of one all-reduce; with more replicas, the order in
+        which a collective adds them depends on where a value lies in its
+        buffer, so there only buckets, which fix the pieces already, are spread.
+        """
+        if not self.fused:
+            return _types.start(self.reduce, buf)
+        lanes = self.lanes
+        if self.split and self.capacity is None and buf.numel() >= lanes * _PIECE and not traced(buf):
+            pieces = list(buf.tensor_split(lanes))
+            return _Spread(buf, pieces, [_types.start_sum_on(self.reduce, j, p) for j, p in enumerate(pieces)])
+        return _types.start_sum_on(self.reduce, k % lanes, buf)
 
     def finish(
         self, bucket: list[Piece], buf: torch.Tensor, in_place: bool, pending: Pending, watched: bool = True
@@ -449,7 +486,7 @@ class Buffers:
                 buf, in_place = self.pack(bucket, k % 2)
                 if k == 0:
                     gate.wait()
-                in_flight.append((bucket, buf, in_place, self.start(buf)))
+                in_flight.append((bucket, buf, in_place, self.start(buf, k)))
             while in_flight:
                 self.finish(*in_flight.popleft())
             results = self.results()

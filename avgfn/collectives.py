@@ -217,7 +217,7 @@ class GroupMean:
         group: Optional[dist.ProcessGroup] = None,
         timeout: Timeout = None,
         in_flight: bool = False,
-        spare_groups: Sequence[dist.ProcessGroup] = (),
+        spare_groups: Optional[Sequence[dist.ProcessGroup]] = (),
     ) -> None:
         if not isinstance(in_flight, bool):
             raise TypeError(f"in_flight must be a bool, got {type(in_flight).__name__} {in_flight!r}")
@@ -230,6 +230,11 @@ class GroupMean:
     def lanes(self) -> int:
         """How many sums can run side by side: the group and its `spare_groups`."""
         return 1 + len(self.spare_groups)
+
+    @property
+    def lane_names(self) -> tuple[str, ...]:
+        """The names of the `spare_groups` (``ProcessGroup.group_name``), which every rank's copy shares."""
+        return tuple(str(getattr(g, "group_name", g)) for g in self.spare_groups)
 
     def describe(self) -> str:
         """A short name of the group, for error messages."""
@@ -302,8 +307,10 @@ class GroupMean:
         start the same pieces on the same lanes, in the same order; the
         agreement of each round compares `lanes`.
         """
-        if isinstance(lane, bool) or not isinstance(lane, int) or not 0 <= lane < self.lanes:
-            raise ValueError(f"lane must be an int in [0, {self.lanes}), got {lane!r}")
+        if isinstance(lane, bool) or not isinstance(lane, int):
+            raise TypeError(f"lane must be an int, got {type(lane).__name__} {lane!r}")
+        if not 0 <= lane < self.lanes:
+            raise ValueError(f"lane must be in [0, {self.lanes}) (the group and its spare groups), got {lane}")
         group = self._group() if lane == 0 else self.spare_groups[lane - 1]
         return self._start_sum(group, tensor)
 
@@ -457,8 +464,10 @@ def _ranks(group: Any) -> Optional[list[int]]:
     return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
 
 
-def _spare_groups(group: Optional[dist.ProcessGroup], spare: Sequence[Any]) -> tuple[Any, ...]:
-    """``spare`` as a tuple, each checked to hold the ranks of ``group``, in its order."""
+def _spare_groups(group: Optional[dist.ProcessGroup], spare: Optional[Sequence[Any]]) -> tuple[Any, ...]:
+    """``spare`` as a tuple, each checked to hold the ranks of ``group``, in its order, on its backend."""
+    if spare is None:
+        return ()
     if isinstance(spare, (dist.ProcessGroup, str, bytes)) or not isinstance(spare, Sequence):
         raise TypeError(f"spare_groups must be a sequence of process groups, got {spare!r}")
     spare = tuple(spare)
@@ -474,6 +483,7 @@ def _spare_groups(group: Optional[dist.ProcessGroup], spare: Sequence[Any]) -> t
         )
     main = dist.group.WORLD if group is None else group
     ranks = _ranks(group)
+    backend = None if ranks is None else dist.get_backend(main)
     seen = [main]
     for k, extra in enumerate(spare):
         if any(extra is other for other in seen) and extra is not dist.GroupMember.NON_GROUP_MEMBER:
@@ -482,7 +492,15 @@ def _spare_groups(group: Optional[dist.ProcessGroup], spare: Sequence[Any]) -> t
                 "process group of its own (dist.new_group(ranks) makes one)"
             )
         seen.append(extra)
-        held = _ranks(extra)
+        try:
+            held = _ranks(extra)
+        except (KeyError, RuntimeError, ValueError) as error:  # destroyed, or never registered
+            raise ValueError(f"spare_groups[{k}] is not a live process group of this world: {error!r}") from error
+        if held is not None and backend is not None and dist.get_backend(extra) != backend:
+            raise ValueError(
+                f"spare_groups[{k}] runs on backend {dist.get_backend(extra)!r}, the group on {backend!r}: "
+                "a lane must be another group of the same backend"
+            )
         if held != ranks:
             raise ValueError(
                 f"spare_groups[{k}] must hold the ranks of the group in the same order: the group has "
@@ -630,7 +648,7 @@ def all_reduce_mean(
     *,
     timeout: Timeout = None,
     in_flight: bool = False,
-    spare_groups: Sequence[dist.ProcessGroup] = (),
+    spare_groups: Optional[Sequence[dist.ProcessGroup]] = (),
 ) -> GroupMean:
     """The Reduce of a real process group: the mean over its ranks.
 
@@ -656,14 +674,17 @@ def all_reduce_mean(
         all-reduce on the wire while the replicas compute. Under
         ``torch.compile`` every call is in flight (torch's functional all-reduce).
       spare_groups: more process groups over the ranks of ``group``, in the
-        same order (each made by ``dist.new_group(ranks)`` on every rank of
-        the world, before the first round). The round engine then splits a
-        large donated or bucketed round into pieces and runs them side by
-        side, one sum per group: each group has a connection and a thread of
-        its own, which on gloo moves a large round faster than one
-        all-reduce does (measured in ``docs/performance.md``). The bits are
-        those of the round on ``group`` alone (see ``docs/collectives.md``).
-        Every replica must pass as many; each round's agreement compares them.
+        same order and on the same backend (each made by
+        ``dist.new_group(ranks)`` on every rank of the world, before this
+        call; they are fixed here, also when ``group`` is ``None``). The
+        round engine then sends a large round over them side by side: in a
+        group of two, its one buffer in one piece per group; in any group,
+        its buckets in turn. Each group has a connection and a thread of its
+        own, which on gloo moves a large round faster than one all-reduce
+        does (measured in ``docs/performance.md``). The bits are those of the
+        round on ``group`` alone (see ``docs/collectives.md``). Every replica
+        must pass the same groups in the same order; each round's agreement
+        compares them.
 
     Returns:
       A [`GroupMean`][avgfn.collectives.GroupMean], callable as ``reduce(tensor) -> tensor``. It writes
@@ -675,8 +696,8 @@ def all_reduce_mean(
         process groups.
       ValueError: a ``timeout`` that is not finite, not positive, or longer
         than `MAX_TIMEOUT_S` (the backend could not honour it); a spare group
-        over other ranks (or in another order), or one given twice or equal
-        to ``group``.
+        over other ranks (or in another order), on another backend, destroyed,
+        or given twice or equal to ``group``.
       RuntimeError: ``spare_groups`` given before ``init_process_group``.
 
     Examples:

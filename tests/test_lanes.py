@@ -11,6 +11,7 @@ import torch.distributed as dist
 import avgfn
 from avgfn._core import types as _types
 from avgfn._round import buffers as _buffers
+from avgfn._round import engine as _engine
 
 
 class _Pair:
@@ -126,6 +127,56 @@ def test_spare_groups_before_init_process_group_are_refused():
 
 def test_start_sum_on_refuses_a_lane_it_does_not_have():
     reduce = avgfn.collectives.all_reduce_mean()
-    for lane in (1, -1, True, 0.0):
-        with pytest.raises(ValueError, match=r"lane must be an int in \[0, 1\)"):
+    for lane in (1, -1):
+        with pytest.raises(ValueError, match=r"lane must be in \[0, 1\)"):
+            reduce.start_sum_on(lane, torch.ones(2))
+    for lane in (True, 0.0, "0"):
+        with pytest.raises(TypeError, match="lane must be an int"):
             reduce.start_sum_on(lane, torch.ones(2))  # type: ignore[arg-type]
+    assert avgfn.collectives.all_reduce_mean(spare_groups=None).lanes == 1
+
+
+class _Predicting(_Pair):
+    """A pair whose rounds may carry their check in their data (`avgfn._round.predicted`)."""
+
+    agree_in_data = True
+
+    def history_token(self) -> Any:
+        return self
+
+
+def test_a_predicted_round_stays_whole_as_the_round_a_peer_declines_it_with(small_pieces):
+    pair = _Predicting(lanes=2)
+    avg = avgfn.periodic(2, reduce=pair)
+    params = {"w": torch.ones(1000)}
+    state = avg.init(params)
+    for step in range(0, 12, 2):
+        pair.used.clear()
+        params, state = avg.update(params, state, step)
+    # the check travels in the data (18 numbers more), on the group itself, whole
+    assert pair.used == [(0, 1018)]
+    pair.used.clear()
+    _engine.refuse(pair, 12, ValueError("this replica's inputs"))  # what a declining peer sends
+    assert pair.used == [(0, 1018)]
+
+
+def test_a_forwarding_reduce_that_overrides_start_sum_alone_has_one_lane(small_pieces):
+    class Zeroing(avgfn.ForwardingReduce):
+        def start_sum(self, tensor: torch.Tensor) -> Any:
+            tensor.zero_()
+            return super().start_sum(tensor)
+
+    class Both(Zeroing):
+        def start_sum_on(self, lane: int, tensor: torch.Tensor) -> Any:
+            tensor.zero_()
+            return super().start_sum_on(lane, tensor)
+
+    for kind, lanes in ((Zeroing, 1), (Both, 2)):
+        pair = _Pair(lanes=2)
+        wrapped = kind(pair)
+        assert wrapped.lanes == lanes
+        params = {"w": torch.ones(100)}
+        avg = avgfn.periodic(2, reduce=wrapped, round=avgfn.Round(nonfinite="ignore"))
+        out, _ = avg.update(params, avg.init(params), 0)
+        assert torch.equal(out["w"], torch.zeros(100))  # the override saw every piece
+        assert [lane for lane, _ in pair.used] == list(range(lanes))

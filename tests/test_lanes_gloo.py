@@ -85,6 +85,9 @@ def _cases(rank: int, world_size: int) -> dict[str, Any]:
         ("pair", pair), ("pair spare", pair), ("pair one lane", pair), ("pair mixed", pair),
         ("pair mixed spare", pair), ("pair in flight", pair), ("pair in flight spare", pair),
         ("all", every), ("all spare", every), ("all one lane", every),
+        ("pair three", pair), ("pair three a", pair), ("pair three b", pair),
+        ("pair order", pair), ("pair order a", pair), ("pair order b", pair),
+        ("pair predicted", pair), ("pair predicted spare", pair),
     ]}  # fmt: skip
     out: dict[str, Any] = {}
     params = _params(rank)
@@ -114,6 +117,9 @@ def _cases(rank: int, world_size: int) -> dict[str, Any]:
             out["mixed"] = None
         except avgfn.ReplicaMismatchError as error:
             out["mixed"] = (str(error), error.differs, all(torch.equal(tree[k], params[k]) for k in params))
+        out.update(_which_groups(rank, params, groups))
+        out["order"] = _spare_order(rank, params, groups)
+        out["predicted"] = _predicted_then_refused(rank, params, groups)
     else:
         # a rank outside the group (new_group hands it a placeholder) gets its input back
         outside = avgfn.collectives.all_reduce_mean(groups["pair"], spare_groups=[groups["pair spare"]])
@@ -127,6 +133,61 @@ def _cases(rank: int, world_size: int) -> dict[str, Any]:
     out["all torch"] = _torch_mean(params, groups["all one lane"])
     out["errors"] = _errors(rank, groups)
     return out
+
+
+def _which_groups(rank: int, params: dict[str, torch.Tensor], groups: dict[str, Any]) -> dict[str, Any]:
+    """The process group of every all-reduce of a round over a Reduce with two spare groups."""
+    names = {groups[k].group_name: k for k in ("pair three", "pair three a", "pair three b")}
+    three = avgfn.collectives.all_reduce_mean(
+        groups["pair three"], spare_groups=[groups["pair three a"], groups["pair three b"]]
+    )
+    seen: list[str] = []
+    real = dist.all_reduce
+
+    def recording(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        group = kwargs.get("group")
+        seen.append(names.get(getattr(group, "group_name", None), "other"))
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording  # type: ignore[assignment]
+    try:
+        result = _round(params, three, donate=True)
+    finally:
+        dist.all_reduce = real
+    return {"three": result, "three groups": seen}
+
+
+def _spare_order(rank: int, params: dict[str, torch.Tensor], groups: dict[str, Any]) -> Any:
+    """Replicas that pass the same spare groups in another order."""
+    spare = [groups["pair order a"], groups["pair order b"]]
+    reduce = avgfn.collectives.all_reduce_mean(
+        groups["pair order"], spare_groups=spare if rank == 0 else spare[::-1], timeout=20
+    )
+    tree = {k: v.clone() for k, v in params.items()}
+    avg = avgfn.periodic(2, reduce=reduce, round=avgfn.Round(donate=True))
+    try:
+        avg.update(tree, avg.init(tree), 0)
+        return None
+    except avgfn.ReplicaMismatchError as error:
+        return (str(error), error.differs, all(torch.equal(tree[k], params[k]) for k in params))
+
+
+def _predicted_then_refused(rank: int, params: dict[str, torch.Tensor], groups: dict[str, Any]) -> Any:
+    """Rounds the pair predicts (their check in their data), then one that rank 1 refuses."""
+    reduce = avgfn.collectives.all_reduce_mean(
+        groups["pair predicted"], spare_groups=[groups["pair predicted spare"]], timeout=20
+    )
+    avg = avgfn.periodic(2, reduce=reduce)
+    tree = {k: v.clone() for k, v in params.items()}
+    state = avg.init(tree)
+    for step in range(0, 10, 2):
+        tree, state = avg.update(tree, state, step)
+    given: Any = tree if rank == 0 else iter(tree.values())  # a generator: refused
+    try:
+        avg.update(given, state, 10)
+        return None
+    except (avgfn.ReplicaMismatchError, TypeError) as error:
+        return (type(error).__name__, str(error))
 
 
 def _errors(rank: int, groups: dict[str, Any]) -> dict[str, str]:
@@ -190,12 +251,17 @@ def test_with_more_replicas_only_buckets_are_spread_and_the_bits_stay_those_of_o
     assert world[0]["all buckets lanes"] == [0, 1]
 
 
-def test_replicas_with_other_lanes_all_raise_before_anything_moves(world):
+@pytest.mark.parametrize(
+    "case, lanes",
+    [("mixed", "lanes=2"), ("order", "lanes=3")],
+    ids=["a spare group beside none", "the same spare groups in another order"],
+)
+def test_replicas_whose_lanes_differ_all_raise_before_anything_moves(world, case, lanes):
     for rank in (0, 1):
-        found = world[rank]["mixed"]
-        assert found is not None, "a replica with a spare group beside one without ran the round"
+        found = world[rank][case]
+        assert found is not None, f"{case}: the replicas ran the round"
         message, differs, unchanged = found
-        assert differs == "round" and "lanes=2" in message, message
+        assert differs == "round" and lanes in message, message
         assert unchanged  # donated params untouched
 
 
@@ -210,3 +276,16 @@ def test_spare_groups_that_cannot_be_lanes_are_refused(world):
     assert errors["other ranks"].startswith("ValueError") and "[0, 1, 2, 3]" in errors["other ranks"]
     assert errors["not a sequence"].startswith("TypeError")
     assert errors["not a group"].startswith("TypeError") and "spare_groups[0]" in errors["not a group"]
+
+
+def test_each_piece_goes_over_its_own_group(world):
+    for rank in (0, 1):
+        spread, alone = world[rank]["three"], world[rank]["pair donate"][1]
+        assert _same(spread, alone)
+        used = world[rank]["three groups"]
+        assert set(used) == {"pair three", "pair three a", "pair three b"}, used
+
+
+def test_a_predicted_round_that_a_peer_refuses_is_refused_on_both_not_aborted(world):
+    assert world[0]["predicted"][0] == "ReplicaMismatchError" and "rank 1" in world[0]["predicted"][1]
+    assert world[1]["predicted"][0] == "TypeError"

@@ -126,8 +126,10 @@ class GroupReduce(Protocol):
       tensor)``: `start_sum()` on one of ``lanes`` sums that can run side by
       side (each over a process group of its own, lane 0 being the group's
       own `start_sum()`); the engine spreads the pieces of a large round
-      over them, the same pieces on the same lanes on every replica, and
-      each round's agreement compares ``lanes``.
+      over them, the same pieces on the same lanes on every replica (a
+      predicted round stays on lane 0), and each round's agreement compares
+      ``lanes`` and, when the group gives them, its ``lane_names`` (a tuple
+      of strings naming the lanes past the first).
     * ``commit()``: whether the group keeps the round that just completed;
       a group that votes on its rounds (a torchft quorum) may answer False,
       and the round is then refused with [`avgfn.RoundNotCommitted`][avgfn.RoundNotCommitted].
@@ -258,6 +260,17 @@ def lanes(reduce: Reduce) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or not hasattr(group, "start_sum_on"):
         return 1
     return value
+
+
+def lane_names(reduce: Reduce) -> tuple[str, ...]:
+    """Names of the lanes past the first, when the group gives them (``lane_names``), else ``()``.
+
+    Replicas whose spare groups are the same groups in another order would
+    sum one piece of one with another piece of the other: the round's
+    agreement compares the names too.
+    """
+    names = getattr(group_of(reduce), "lane_names", ())
+    return tuple(str(name) for name in names) if isinstance(names, (tuple, list)) else ()
 
 
 def start_sum_on(reduce: Reduce, lane: int, tensor: torch.Tensor) -> Pending:
@@ -415,8 +428,20 @@ class ForwardingReduce:
 
     @property
     def lanes(self) -> int:
-        """The inner Reduce's `lanes()` (1 over a plain callable)."""
+        """The inner Reduce's `lanes()` (1 over a plain callable).
+
+        1 too when a subclass overrides ``start_sum`` but not ``start_sum_on``:
+        its override sees every sum only if every sum goes through it.
+        """
+        kind = type(self)
+        if kind.start_sum is not ForwardingReduce.start_sum and kind.start_sum_on is ForwardingReduce.start_sum_on:
+            return 1
         return lanes(self.inner)
+
+    @property
+    def lane_names(self) -> tuple[str, ...]:
+        """The inner Reduce's `lane_names()` (what tells its lanes apart)."""
+        return lane_names(self.inner) if self.lanes > 1 else ()
 
     def start_sum_on(self, lane: int, tensor: torch.Tensor) -> Pending:
         self.observe(tensor, True)

@@ -411,7 +411,7 @@ class Buffers:
             return False
         return self.capacity is None or all(lo == 0 and hi == self.flats[i].numel() for i, lo, hi in bucket)
 
-    def start(self, buf: torch.Tensor, k: int = 0) -> Pending:
+    def start(self, buf: torch.Tensor, k: int = 0, split: bool = True) -> Pending:
         """Start bucket ``k``'s collective (a sum when the division was fused).
 
         On a group with several lanes (``all_reduce_mean(...,
@@ -422,11 +422,14 @@ class Buffers:
         give the bits of one all-reduce; with more replicas, the order in
         which a collective adds them depends on where a value lies in its
         buffer, so there only buckets, which fix the pieces already, are spread.
+        ``split=False`` keeps the buffer whole: a predicted round, whose peer
+        may decline it with one collective of its size on the group itself
+        (`avgfn._round.predicted.decline`), before any check compared lanes.
         """
         if not self.fused:
             return _types.start(self.reduce, buf)
         lanes = self.lanes
-        if self.split and self.capacity is None and buf.numel() >= lanes * _PIECE and not traced(buf):
+        if split and self.split and self.capacity is None and buf.numel() >= lanes * _PIECE and not traced(buf):
             pieces = list(buf.tensor_split(lanes))
             return _Spread(buf, pieces, [_types.start_sum_on(self.reduce, j, p) for j, p in enumerate(pieces)])
         return _types.start_sum_on(self.reduce, k % lanes, buf)
@@ -511,7 +514,7 @@ class Buffers:
             if found is not None and self.read:  # 1 when every share read finite
                 full[n + _predicted.VOUCH :] = 1 - found
             try:
-                summed = check_reduced(_types.settle(self.start(full).wait()), full)
+                summed = check_reduced(_types.settle(self.start(full, split=False).wait()), full)
             except BaseException:
                 predicted.history.forget()
                 raise

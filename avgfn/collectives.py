@@ -228,7 +228,14 @@ class GroupMean:
 
     @property
     def lanes(self) -> int:
-        """How many sums can run side by side: the group and its `spare_groups`."""
+        """How many sums can run side by side: the group and its `spare_groups`.
+
+        1 for a subclass that overrides `start_sum` but not `start_sum_on`:
+        its override sees every sum only if every sum goes through it.
+        """
+        kind = type(self)
+        if kind.start_sum is not GroupMean.start_sum and kind.start_sum_on is GroupMean.start_sum_on:
+            return 1
         return 1 + len(self.spare_groups)
 
     @property

@@ -180,3 +180,16 @@ def test_a_forwarding_reduce_that_overrides_start_sum_alone_has_one_lane(small_p
         out, _ = avg.update(params, avg.init(params), 0)
         assert torch.equal(out["w"], torch.zeros(100))  # the override saw every piece
         assert [lane for lane, _ in pair.used] == list(range(lanes))
+
+
+def test_a_forwarding_reduce_that_overrides_start_sum_on_alone_sees_every_piece(small_pieces):
+    seen: list[int] = []
+
+    class On(avgfn.ForwardingReduce):
+        def start_sum_on(self, lane: int, tensor: torch.Tensor) -> Any:
+            seen.append(tensor.numel())
+            return super().start_sum_on(lane, tensor)
+
+    pair = _Pair(lanes=2)
+    _average(On(pair))
+    assert sum(seen) == 363 and [lane for lane, _ in pair.used] == [0, 1]

@@ -88,6 +88,7 @@ def _cases(rank: int, world_size: int) -> dict[str, Any]:
         ("pair three", pair), ("pair three a", pair), ("pair three b", pair),
         ("pair order", pair), ("pair order a", pair), ("pair order b", pair),
         ("pair predicted", pair), ("pair predicted spare", pair),
+        ("pair weighted", pair), ("pair weighted spare", pair),
     ]}  # fmt: skip
     out: dict[str, Any] = {}
     params = _params(rank)
@@ -120,6 +121,7 @@ def _cases(rank: int, world_size: int) -> dict[str, Any]:
         out.update(_which_groups(rank, params, groups))
         out["order"] = _spare_order(rank, params, groups)
         out["predicted"] = _predicted_then_refused(rank, params, groups)
+        out["weighted"] = _weighted_mixed(rank, params, groups)
     else:
         # a rank outside the group (new_group hands it a placeholder) gets its input back
         outside = avgfn.collectives.all_reduce_mean(groups["pair"], spare_groups=[groups["pair spare"]])
@@ -190,6 +192,24 @@ def _predicted_then_refused(rank: int, params: dict[str, torch.Tensor], groups: 
         return (type(error).__name__, str(error))
 
 
+def _weighted_mixed(rank: int, params: dict[str, torch.Tensor], groups: dict[str, Any]) -> Any:
+    """fedavg (a weighted round, which runs its own check) with a spare group on rank 0 only."""
+    spare = [groups["pair weighted spare"]] if rank == 0 else []
+    reduce = avgfn.collectives.all_reduce_mean(groups["pair weighted"], spare_groups=spare, timeout=20)
+    avg = avgfn.fedavg(2, reduce=reduce, weight=1.0 + rank)
+    tree = {k: v.clone() for k, v in params.items()}
+    try:
+        avg.update(tree, avg.init(tree), 1)  # fedavg's first round ends the first period
+        return None
+    except avgfn.ReplicaMismatchError as error:
+        return (str(error), error.differs, all(torch.equal(tree[k], params[k]) for k in params))
+
+
+class _Compressing(avgfn.collectives.GroupMean):
+    def start_sum(self, tensor: torch.Tensor) -> Any:
+        return super().start_sum(tensor)
+
+
 def _errors(rank: int, groups: dict[str, Any]) -> dict[str, str]:
     cases = {
         "itself": lambda: avgfn.collectives.all_reduce_mean(groups["pair"], spare_groups=[groups["pair"]]),
@@ -200,7 +220,7 @@ def _errors(rank: int, groups: dict[str, Any]) -> dict[str, str]:
         "not a sequence": lambda: avgfn.collectives.all_reduce_mean(groups["pair"], spare_groups=groups["all"]),
         "not a group": lambda: avgfn.collectives.all_reduce_mean(groups["pair"], spare_groups=[None]),
     }
-    found = {}
+    found = {"subclass lanes": str(_Compressing(groups["pair"], spare_groups=[groups["pair spare"]]).lanes)}
     for name, build in cases.items():
         try:
             build()
@@ -253,8 +273,8 @@ def test_with_more_replicas_only_buckets_are_spread_and_the_bits_stay_those_of_o
 
 @pytest.mark.parametrize(
     "case, lanes",
-    [("mixed", "lanes=2"), ("order", "lanes=3")],
-    ids=["a spare group beside none", "the same spare groups in another order"],
+    [("mixed", "lanes=2"), ("order", "lanes=3"), ("weighted", "lanes=2")],
+    ids=["a spare group beside none", "the same spare groups in another order", "fedavg's own check"],
 )
 def test_replicas_whose_lanes_differ_all_raise_before_anything_moves(world, case, lanes):
     for rank in (0, 1):
@@ -276,6 +296,8 @@ def test_spare_groups_that_cannot_be_lanes_are_refused(world):
     assert errors["other ranks"].startswith("ValueError") and "[0, 1, 2, 3]" in errors["other ranks"]
     assert errors["not a sequence"].startswith("TypeError")
     assert errors["not a group"].startswith("TypeError") and "spare_groups[0]" in errors["not a group"]
+    # a subclass whose start_sum changes what is sent keeps every sum on its start_sum: one lane
+    assert errors["subclass lanes"] == "1"
 
 
 def test_each_piece_goes_over_its_own_group(world):

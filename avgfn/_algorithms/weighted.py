@@ -40,7 +40,7 @@ from avgfn._algorithms.outer import (
 )
 from avgfn._core.errors import NonFiniteError
 from avgfn._core.records import Record, record
-from avgfn._round.agree import start_round
+from avgfn._round.agree import lanes_entry, start_round
 from avgfn._round.agree import verify as verify_replicas
 from avgfn.optim._base import check_float
 from avgfn.optim._sgd import sgd
@@ -48,16 +48,20 @@ from avgfn.optim._sgd import sgd
 __all__ = ["WeightedState", "fedavg", "fedavgm", "weighted"]
 
 
-def _wire(rnd: Round, who: str, what: str = "params", settings: str = "", judged: str = "") -> str:
+def _wire(
+    rnd: Round, reduce: Reduce, who: str, what: str = "params", settings: str = "", judged: str = ""
+) -> str:
     """What decides a weighted round's collectives besides its leaves, and what it returns (compared by its check).
 
     ``settings``: more of what decides the result (fedavgm's outer step);
     ``judged``: the averager's own ``nonfinite`` where the round's differs.
+    Its data round runs without a check of its own, so the lanes of
+    ``reduce`` are compared here.
     """
     policy = f"{judged} (this round {rnd.nonfinite})" if judged and judged != rnd.nonfinite else rnd.nonfinite
     return (
         f"{who}: averages={what}{settings}, comm_dtype={rnd.comm_dtype}, bucket_bytes={rnd.bucket_bytes}, "
-        f"donate={rnd.donate}, nonfinite={policy}, error_feedback={rnd.error_feedback}"
+        f"donate={rnd.donate}, nonfinite={policy}, error_feedback={rnd.error_feedback}{lanes_entry(reduce)}"
     )
 
 # numbers.Real: any real number is accepted (a Fraction, a NumPy scalar), not only float and int.
@@ -138,7 +142,7 @@ def weighted_mean(
     # Before the weights move the replicas agree on the leaves and the step (not while
     # torch.compile traces: the check is host-side, and skipped there, see docs/round.md).
     if rnd.agree and not torch.compiler.is_compiling():
-        wire = _wire(rnd, who, what, f"{settings}, invalid_weights={invalid}", judged)
+        wire = _wire(rnd, reduce, who, what, f"{settings}, invalid_weights={invalid}", judged)
         start_round(list(tensors), reduce, step, names, None, wire).wait()
         rnd = attrs.evolve(rnd, agree=False)
     bad = (weight < 0) | ~torch.isfinite(weight)
@@ -332,7 +336,7 @@ def weighted(
             w = _weight_value(weight, params, step, state.rounds.device) if chosen else None
         if w is None:  # nothing selected
             if rnd.agree:  # the peers must learn that this replica averages nothing
-                start_round([], reduce, step, lambda: [], None, _wire(rnd, "weighted")).wait()
+                start_round([], reduce, step, lambda: [], None, _wire(rnd, reduce, "weighted")).wait()
             return params, state.replace(rounds=state.rounds + 1)
         local = tuple(leaves[i] for i in chosen)
         with at_step(step):

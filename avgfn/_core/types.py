@@ -274,8 +274,13 @@ def lane_names(reduce: Reduce) -> tuple[str, ...]:
 
 
 def start_sum_on(reduce: Reduce, lane: int, tensor: torch.Tensor) -> Pending:
-    """`start_sum()` on ``lane`` of the group's `lanes()` (lane 0: `start_sum()` itself)."""
-    if lane == 0:
+    """`start_sum()` on ``lane`` of the group's `lanes()`.
+
+    With one lane, `start_sum()` itself; with more, every lane (0 too) goes
+    through the group's ``start_sum_on``, so that a wrapper that overrides
+    it sees every piece.
+    """
+    if lane == 0 and lanes(reduce) == 1:
         return start_sum(reduce, tensor)
     return group_of(reduce).start_sum_on(lane, tensor)  # type: ignore[union-attr]
 

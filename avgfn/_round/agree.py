@@ -41,6 +41,16 @@ from avgfn._round import sharded as _sharded
 MODES = ("structure", "values", None)
 
 
+def lanes_entry(reduce: Reduce) -> str:
+    """What a round's check says of the lanes ``reduce`` spreads its sums over ("" for one lane).
+
+    Their number and the spare groups' names: replicas that differ in either
+    would send pieces their peers do not expect, or sum one piece with another.
+    """
+    lanes = _types.lanes(reduce)
+    return "" if lanes == 1 else f", lanes={lanes} {list(_types.lane_names(reduce))}"
+
+
 def check_mode(verify: Any) -> Optional[str]:
     """Validate the ``verify`` argument."""
     if verify not in MODES:

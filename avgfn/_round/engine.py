@@ -466,9 +466,7 @@ def _agreement(
         able += f", predicts={_predicted.history(reduce) is not None}"
     if in_check:  # the flags travel with the check, or in a collective of their own
         able += f", flags in check={_types.carries_flags(reduce)}"
-    lanes = _types.lanes(reduce)
-    if lanes > 1:  # a large round is split over them, the same piece on the same group everywhere
-        able += f", lanes={lanes} {list(_types.lane_names(reduce))}"
+    able += _agree.lanes_entry(reduce)  # a large round is split over them, the same piece on the same group everywhere
     # and the options that decide what a round returns: a replica that ignores a NaN its peer
     # refuses would return a mean the peer raises over
     judged = rnd.nonfinite if policy == rnd.nonfinite else f"{rnd.nonfinite} (this round {policy})"

@@ -193,3 +193,10 @@ def test_a_forwarding_reduce_that_overrides_start_sum_on_alone_sees_every_piece(
     pair = _Pair(lanes=2)
     _average(On(pair))
     assert sum(seen) == 363 and [lane for lane, _ in pair.used] == [0, 1]
+
+
+def test_a_round_without_its_agreement_keeps_to_the_group(small_pieces):
+    # nothing compared the lanes: replicas built with other spare groups must still meet
+    pair = _Pair(lanes=2)
+    _average(pair, agree=False)
+    assert pair.used == [(0, 363)]

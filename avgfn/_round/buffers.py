@@ -248,7 +248,9 @@ class Buffers:
             self.donate = self.tiled is not None
         self.by = _types.divisor(reduce) if _types.group_of(reduce) is not None else 1
         self.fused = self.by != 1 and not self.feedback
-        self.lanes = _types.lanes(reduce) if self.fused else 1
+        # lanes only where this round's own agreement compared them (not under Round(agree=False),
+        # nor in a round whose check was another's: weighted's data round, an inner-state round)
+        self.lanes = _types.lanes(reduce) if self.fused and rnd.agree else 1
         # one buffer is split over the lanes only in a group of two whose results are not in flight (`start()`)
         group = _types.group_of(reduce)
         self.split = self.lanes > 1 and group is not None and group.size == 2 and getattr(group, "in_flight", False) is not True

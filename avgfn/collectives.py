@@ -20,7 +20,7 @@ from avgfn._core import tree as _tree
 
 from avgfn._core.errors import PeerError, ReplicaMismatchError
 from avgfn._core.levels import group_sizes
-from avgfn._core.types import Done, ReduceSchedule, settle
+from avgfn._core.types import Done, ReduceSchedule, overrides_start_sum_alone, settle
 
 Timeout = Union[None, float, int, datetime.timedelta]
 
@@ -230,13 +230,10 @@ class GroupMean:
     def lanes(self) -> int:
         """How many sums can run side by side: the group and its `spare_groups`.
 
-        1 for a subclass that overrides `start_sum` but not `start_sum_on`:
-        its override sees every sum only if every sum goes through it.
+        1 for a subclass that overrides `start_sum` but not `start_sum_on`
+        (see [`ForwardingReduce.lanes`][avgfn.ForwardingReduce]).
         """
-        kind = type(self)
-        if kind.start_sum is not GroupMean.start_sum and kind.start_sum_on is GroupMean.start_sum_on:
-            return 1
-        return 1 + len(self.spare_groups)
+        return 1 if overrides_start_sum_alone(type(self), GroupMean) else 1 + len(self.spare_groups)
 
     @property
     def lane_names(self) -> tuple[str, ...]:

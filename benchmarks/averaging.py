@@ -173,11 +173,16 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     pure, pure_no_agree, pure_bf16, pure_bf16_2 = tree(), tree(), tree(), tree()
     state = avg.init(pure)
 
-    holder = {
-        "donated": tree(), "bucketed": tree(), "bf16_donated": tree(), "bf16_bucketed": tree(),
-        "donated_2": tree(), "bf16_donated_2": tree(), "bf16_bucketed_2": tree(),
-    }  # fmt: skip
     out = {}
+
+    def donating(averager_):
+        """A donated variant's round: it gives up its params and keeps the ones returned."""
+        held = [tree()]
+
+        def run():
+            held[0] = averager_.update(held[0], state, 0)[0]
+
+        return run
 
     def run_torch():
         torch_utils.average_parameters(iter(torch_params), None)
@@ -204,32 +209,11 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
     def run_agree():
         agree_reduce.agree(b"\x01" * 8, lambda: [])
 
-    def run_donate():
-        holder["donated"] = avg_donate.update(holder["donated"], state, 0)[0]
-
-    def run_bucket():
-        holder["bucketed"] = avg_bucket.update(holder["bucketed"], state, 0)[0]
-
     def run_bf16():
         out["bf16"] = avg_bf16.update(pure_bf16, state, 0)[0]
 
-    def run_bf16_donate():
-        holder["bf16_donated"] = avg_bf16_donate.update(holder["bf16_donated"], state, 0)[0]
-
-    def run_bf16_bucket():
-        holder["bf16_bucketed"] = avg_bf16_bucket.update(holder["bf16_bucketed"], state, 0)[0]
-
-    def run_donate_2():
-        holder["donated_2"] = avg_donate_2.update(holder["donated_2"], state, 0)[0]
-
     def run_bf16_2():
         out["bf16_2"] = avg_bf16_2.update(pure_bf16_2, state, 0)[0]
-
-    def run_bf16_donate_2():
-        holder["bf16_donated_2"] = avg_bf16_donate_2.update(holder["bf16_donated_2"], state, 0)[0]
-
-    def run_bf16_bucket_2():
-        holder["bf16_bucketed_2"] = avg_bf16_bucket_2.update(holder["bf16_bucketed_2"], state, 0)[0]
 
     variants = {
         "torch": run_torch,
@@ -238,16 +222,16 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> Non
         "avgfn": run_avgfn,
         "avgfn-no-agree": run_no_agree,
         "agree": run_agree,
-        "avgfn-donate": run_donate,
-        "avgfn-bucket": run_bucket,
+        "avgfn-donate": donating(avg_donate),
+        "avgfn-bucket": donating(avg_bucket),
         "avgfn-bf16": run_bf16,
-        "avgfn-bf16-donate": run_bf16_donate,
-        "avgfn-bf16-bucket": run_bf16_bucket,
+        "avgfn-bf16-donate": donating(avg_bf16_donate),
+        "avgfn-bf16-bucket": donating(avg_bf16_bucket),
         "floor-2g": run_floor_2,
-        "avgfn-donate-2g": run_donate_2,
+        "avgfn-donate-2g": donating(avg_donate_2),
         "avgfn-bf16-2g": run_bf16_2,
-        "avgfn-bf16-donate-2g": run_bf16_donate_2,
-        "avgfn-bf16-bucket-2g": run_bf16_bucket_2,
+        "avgfn-bf16-donate-2g": donating(avg_bf16_donate_2),
+        "avgfn-bf16-bucket-2g": donating(avg_bf16_bucket_2),
     }
     timings: dict = {}
     host: dict = {}

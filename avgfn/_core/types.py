@@ -127,9 +127,10 @@ class GroupReduce(Protocol):
       side (each over a process group of its own, lane 0 being the group's
       own `start_sum()`); the engine spreads the pieces of a large round
       over them, the same pieces on the same lanes on every replica (a
-      predicted round stays on lane 0), and each round's agreement compares
-      ``lanes`` and, when the group gives them, its ``lane_names`` (a tuple
-      of strings naming the lanes past the first).
+      predicted round, and a round without an agreement of its own, stay on
+      lane 0), and each round's agreement compares ``lanes`` and, when the
+      group gives them, its ``lane_names`` (a tuple of strings naming the
+      lanes past the first).
     * ``commit()``: whether the group keeps the round that just completed;
       a group that votes on its rounds (a torchft quorum) may answer False,
       and the round is then refused with [`avgfn.RoundNotCommitted`][avgfn.RoundNotCommitted].
@@ -251,6 +252,16 @@ def start_sum(reduce: Reduce, tensor: torch.Tensor) -> Pending:
     """Begin the sum of ``tensor`` pre-divided by `divisor()` (a plain Reduce: its mean)."""
     group = group_of(reduce)
     return Done(reduce(tensor)) if group is None else group.start_sum(tensor)
+
+
+def overrides_start_sum_alone(kind: type, base: type) -> bool:
+    """Whether ``kind`` overrides ``base``'s ``start_sum`` but not its ``start_sum_on``.
+
+    Such a subclass (a wrapper that compresses or counts in ``start_sum``)
+    has one lane: its override sees every sum only if every sum goes through it.
+    """
+    own_sum = getattr(kind, "start_sum") is not getattr(base, "start_sum")
+    return own_sum and getattr(kind, "start_sum_on") is getattr(base, "start_sum_on")
 
 
 def lanes(reduce: Reduce) -> int:
@@ -433,15 +444,8 @@ class ForwardingReduce:
 
     @property
     def lanes(self) -> int:
-        """The inner Reduce's `lanes()` (1 over a plain callable).
-
-        1 too when a subclass overrides ``start_sum`` but not ``start_sum_on``:
-        its override sees every sum only if every sum goes through it.
-        """
-        kind = type(self)
-        if kind.start_sum is not ForwardingReduce.start_sum and kind.start_sum_on is ForwardingReduce.start_sum_on:
-            return 1
-        return lanes(self.inner)
+        """The inner Reduce's `lanes()` (1 over a plain callable; see `overrides_start_sum_alone()`)."""
+        return 1 if overrides_start_sum_alone(type(self), ForwardingReduce) else lanes(self.inner)
 
     @property
     def lane_names(self) -> tuple[str, ...]:

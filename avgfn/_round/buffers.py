@@ -246,14 +246,15 @@ class Buffers:
             # round stages it and writes the result back into them instead.)
             self.tiled = tiled(self.flats, whole, self.wire_dtype)
             self.donate = self.tiled is not None
-        self.by = _types.divisor(reduce) if _types.group_of(reduce) is not None else 1
+        group = _types.group_of(reduce)
+        self.by = 1 if group is None else group.divisor()
         self.fused = self.by != 1 and not self.feedback
         # lanes only where this round's own agreement compared them (not under Round(agree=False),
         # nor in a round whose check was another's: weighted's data round, an inner-state round)
         self.lanes = _types.lanes(reduce) if self.fused and rnd.agree else 1
         # one buffer is split over the lanes only in a group of two whose results are not in flight (`start()`)
-        group = _types.group_of(reduce)
-        self.split = self.lanes > 1 and group is not None and group.size == 2 and getattr(group, "in_flight", False) is not True
+        held = getattr(group, "in_flight", False) is True
+        self.split = self.lanes > 1 and group is not None and group.size == 2 and not held
         self.residuals = None
         self.new_res: Optional[list[Optional[torch.Tensor]]] = None
         if self.feedback:
